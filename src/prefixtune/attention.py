@@ -1,0 +1,165 @@
+"""The one place where prefixes enter a model: a function in transformers' attention registry.
+
+transformers 5 routes the attention of nearly every architecture through `AttentionInterface`. We
+register `prefixtune_<base>` there; it prepends the active prefix keys/values of the calling module,
+widens the mask by P always-visible columns (P zero columns of T5's position bias), and hands over
+to the stock `sdpa` or `eager` function. No cache, no `past_key_values`, no per-family code.
+
+Which prefix is active is held in a `ContextVar` for the length of one call, so concurrent threads
+(a server) never see each other's prefixes, and a model with no active prefix is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+NAME_PREFIX = "prefixtune_"
+SUPPORTED_BASES = ("sdpa", "eager")
+
+
+@dataclass
+class PrefixState:
+    """The prefix of one forward/generate call.
+
+    `kv[slot]` is `(keys, values)` of shape `[B or 1, kv_heads, P, head_dim]`; a batch of B divides the
+    query batch (beam search and `num_return_sequences` repeat rows). `visible` is an optional
+    `[B, P]` bool mask for rows whose prefix is shorter than P, or that have none. `record`, when a
+    dict, receives each slot's `(query_len, keys, values)`: that is how the probe finds slots and how
+    prefixes are initialised from the model's own activations on real words.
+    """
+
+    slots: dict[nn.Module, int]
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+    visible: torch.Tensor | None = None
+    record: dict[int, tuple[int, torch.Tensor, torch.Tensor]] | None = field(default=None)
+    offset: torch.Tensor | int | None = None  # added to decoder position ids (PEFT/paper convention)
+
+
+_ACTIVE: ContextVar[PrefixState | None] = ContextVar("prefixtune_active", default=None)
+
+
+def current_state() -> PrefixState | None:
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def activate(state: PrefixState) -> Iterator[PrefixState]:
+    """Make `state` the prefix of every attention call inside the block (this thread/task only)."""
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Match a prefix tensor's batch to the query batch (shared prefix, or rows repeated by beams)."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    if batch % t.shape[0]:
+        raise ValueError(f"prefix batch {t.shape[0]} does not divide the attention batch {batch}")
+    return t.repeat_interleave(batch // t.shape[0], dim=0)
+
+
+def _widen_mask(
+    mask: torch.Tensor | None,
+    module: nn.Module,
+    query: torch.Tensor,
+    kv_len: int,
+    prefix_len: int,
+    visible: torch.Tensor | None,
+    is_causal: bool | None,
+) -> torch.Tensor | None:
+    """Return the mask over `[prefix; keys]`, or None where no mask is needed at all."""
+    batch, q_len = query.shape[0], query.shape[2]
+    device = query.device
+    causal = (is_causal if is_causal is not None else getattr(module, "is_causal", False)) and q_len > 1
+    if mask is None and visible is None and not causal:
+        return None
+    cols = visible if visible is not None else torch.ones(1, prefix_len, dtype=torch.bool, device=device)
+    cols = _rows(cols, batch)[:, None, None, :]  # [B, 1, 1, P]
+    if mask is None:
+        if causal:  # bottom-right aligned: query i sits at absolute position kv_len - q_len + i
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+            body = (torch.arange(kv_len, device=device)[None, :] <= q_pos)[None, None]
+        else:
+            body = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+        body = body.expand(batch, 1, q_len, kv_len)
+        return torch.cat([cols.expand(batch, 1, q_len, prefix_len), body], dim=-1)
+    mask = mask[..., :kv_len]
+    shape = (max(mask.shape[0], batch), mask.shape[1], mask.shape[2], prefix_len)
+    if mask.dtype == torch.bool:
+        head = cols.expand(*shape)
+        mask = mask.expand(shape[0], *mask.shape[1:])
+    else:
+        neg = torch.finfo(mask.dtype).min
+        head = torch.where(cols, 0.0, neg).to(mask.dtype).expand(*shape)
+        mask = mask.expand(shape[0], *mask.shape[1:])
+    return torch.cat([head, mask], dim=-1)
+
+
+def _base_function(base: str, module: nn.Module):
+    if base == "eager":  # each family keeps its own eager function beside its modules
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_attention(base: str):
+    def prefix_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        fn = _base_function(base, module)
+        state = _ACTIVE.get()
+        slot = state.slots.get(module) if state is not None else None
+        if slot is None:
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        if state.record is not None:
+            state.record[slot] = (query.shape[2], key, value)
+        pair = state.kv[slot] if state.kv is not None else None
+        if pair is None:
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        batch, kv_len = query.shape[0], key.shape[2]
+        pk, pv = (_rows(t, batch).to(key.dtype) for t in pair)
+        plen = pk.shape[2]
+        key = torch.cat([pk, key], dim=2)
+        value = torch.cat([pv, value], dim=2)
+        attention_mask = _widen_mask(
+            attention_mask, module, query, kv_len, plen, state.visible, kwargs.get("is_causal")
+        )
+        bias = kwargs.get("position_bias")
+        if bias is not None:  # T5: the prefix columns get no relative-position bias
+            zeros = bias.new_zeros(*bias.shape[:-1], plen)
+            kwargs["position_bias"] = torch.cat([zeros, bias[..., :kv_len]], dim=-1)
+        if attention_mask is not None:
+            kwargs.pop("is_causal", None)
+        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+    prefix_attention.__name__ = f"prefix_attention_{base}"
+    return prefix_attention
+
+
+def register(base: str) -> str:
+    """Register `prefixtune_<base>` (attention and mask) and return its name."""
+    if base not in SUPPORTED_BASES:
+        base = "sdpa"  # flash/flex kernels cannot take a widened mask; sdpa gives the same numbers
+    name = NAME_PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_attention(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def base_of(name: str | None) -> str:
+    """The stock implementation behind a (possibly already prefixtune) implementation name."""
+    name = name or "sdpa"
+    return name[len(NAME_PREFIX) :] if name.startswith(NAME_PREFIX) else name
