@@ -142,7 +142,7 @@ def test_matches_handwritten_reference_attention(family, base):
     kv = model.prefix_kv()
     ref_modules = dict(reference.named_modules())
     REF.clear()
-    for slot, pair in zip(model.layout.slots, kv):
+    for slot, pair in zip(model.layout.slots, kv, strict=True):
         REF[ref_modules[slot.name]] = pair
     kw = inputs(family)
     ref_kw = dict(kw)
@@ -232,7 +232,8 @@ def test_mlp_is_collapsed_for_inference_and_resumable_for_training(tmp_path):
     torch.testing.assert_close(resumed.prefix(), model.prefix())
     slim = tmp_path / "slim"
     model.save_pretrained(slim, keep_reparam=False)
-    assert (slim / "prefixtune_model.safetensors").stat().st_size < (tmp_path / "prefixtune_model.safetensors").stat().st_size
+    name = "prefixtune_model.safetensors"
+    assert (slim / name).stat().st_size < (tmp_path / name).stat().st_size
 
 
 def test_only_some_layers_get_a_prefix():
@@ -255,7 +256,8 @@ def test_text_prefix_equals_prepending_the_text(family):
     with torch.no_grad():
         expected = plain(input_ids=torch.cat([text_ids, ids], 1)).logits[:, text_ids.shape[1] :]
     for options in ({"method": "text"}, {"method": "prefix", "init": "text"}, {"method": "prompt", "init": "text"}):
-        model = attach(tiny.make(family, **window), tokenizer=tok, text=text, num_virtual_tokens=text_ids.shape[1], **options)
+        length = text_ids.shape[1]
+        model = attach(tiny.make(family, **window), tokenizer=tok, text=text, num_virtual_tokens=length, **options)
         with torch.no_grad():
             got = model(input_ids=ids).logits
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -112,7 +112,7 @@ def _widen_mask(
 
 def _base_function(base: str, module: nn.Module):
     if base == "eager":  # each family keeps its own eager function beside its modules
-        return getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[base]
 
 

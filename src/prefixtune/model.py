@@ -144,7 +144,9 @@ class PrefixModel(nn.Module):
             return SoftPrompt(prompt, trainable=True)
         slot = layout.slots[0]
         n_cols = sum(c is not None for c in self.columns)
-        module = PrefixKV(length, n_cols, slot.kv_heads, slot.head_dim, layout.hidden_size, cfg.reparam, cfg.reparam_hidden)
+        module = PrefixKV(
+            length, n_cols, slot.kv_heads, slot.head_dim, layout.hidden_size, cfg.reparam, cfg.reparam_hidden
+        )
         module.to(self._embeddings().weight.device)
         if not init or how == "zero":
             if module.reparameterised:
@@ -160,7 +162,7 @@ class PrefixModel(nn.Module):
             module.table.data.copy_(torch.randn(module.shape, generator=gen))
         else:
             pairs = self._record_kv(self._token_ids(tokenizer, length)[None], embeds=False)
-            module.table.data.copy_(kv_to_table([p for p, c in zip(pairs, self.columns) if c is not None]).float())
+            module.table.data.copy_(kv_to_table([p for p, c in zip(pairs, self.columns, strict=True) if c is not None]).float())
         return module
 
     # ------------------------------------------------------------------------------------ prefix values
@@ -392,7 +394,8 @@ class PrefixModel(nn.Module):
         if missing or extra:
             raise PrefixTuneError(f"{source}: missing tensors {missing}, unexpected tensors {extra}")
         for key, value in tensors.items():
-            if tuple(value.shape) != tuple(own[key].shape) or value.dtype.is_floating_point != own[key].dtype.is_floating_point:
+            same_kind = value.dtype.is_floating_point == own[key].dtype.is_floating_point
+            if tuple(value.shape) != tuple(own[key].shape) or not same_kind:
                 raise PrefixTuneError(
                     f"{source}: tensor {key!r} has shape {tuple(value.shape)} {value.dtype}, "
                     f"expected {tuple(own[key].shape)} {own[key].dtype}"
