@@ -30,9 +30,7 @@ def word_tokenizer():
     words = "<pad> </s> <unk> a b c d e f g h i j the cat sat on mat good bad".split()
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +84,7 @@ def test_read_table_unknown_extension(tmp_path):
 
 def test_read_table_missing_column_lists_present(tmp_path):
     path = write(tmp_path, "d.csv", "sentence,label\nhi,1\n")
-    with pytest.raises(
-        PrefixTuneError, match=r"d.csv: column 'text' not found; columns present: sentence, label"
-    ):
+    with pytest.raises(PrefixTuneError, match=r"d.csv: column 'text' not found; columns present: sentence, label"):
         read_table(path)
     path = write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "lbl": 0}\n')
     with pytest.raises(PrefixTuneError, match=r"line 2 has no column 'label'; columns present: text, lbl"):
@@ -175,9 +171,7 @@ def test_encode_labels_given_names():
 
 
 def test_encode_labels_unknown_label():
-    with pytest.raises(
-        PrefixTuneError, match=r"unknown label 'postive'; known labels: 'negative', 'positive'"
-    ):
+    with pytest.raises(PrefixTuneError, match=r"unknown label 'postive'; known labels: 'negative', 'positive'"):
         encode_labels([{"label": "postive"}], ["negative", "positive"])
     with pytest.raises(PrefixTuneError, match="unknown label 5"):
         encode_labels([{"label": 5}], ["negative", "positive"])
@@ -193,9 +187,7 @@ def test_load_hub_dataset_offline_is_clear(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(
-        PrefixTuneError, match="could not load hub data set 'no-such-user/no-such-data'"
-    ) as info:
+    with pytest.raises(PrefixTuneError, match="could not load hub data set 'no-such-user/no-such-data'") as info:
         load_hub_dataset("no-such-user/no-such-data")
     assert "\n" not in str(info.value)
 
@@ -222,9 +214,7 @@ def test_classification_truncation_warns_once_with_count(bert_tokenizer):
     for ids in enc["input_ids"]:  # special tokens survive truncation
         assert ids[0] == bert_tokenizer.cls_token_id and ids[-1] == bert_tokenizer.sep_token_id
     assert enc["labels"] == [0, 1, 0, 1]
-    assert "token_type_ids" in enc and [len(x) for x in enc["token_type_ids"]] == [
-        len(x) for x in enc["input_ids"]
-    ]
+    assert "token_type_ids" in enc and [len(x) for x in enc["token_type_ids"]] == [len(x) for x in enc["input_ids"]]
 
 
 def test_no_warning_when_everything_fits(word_tokenizer):
@@ -245,9 +235,7 @@ def test_causal_lm_masks_prompt_and_padding(word_tokenizer):
         mode="causal_lm",
     )
     eos = tok.eos_token_id
-    good, bad, the, cat, sat, a = (
-        tok.convert_tokens_to_ids(w) for w in ["good", "bad", "the", "cat", "sat", "a"]
-    )
+    good, bad, the, cat, sat, a = (tok.convert_tokens_to_ids(w) for w in ["good", "bad", "the", "cat", "sat", "a"])
     assert enc["input_ids"] == [[the, cat, sat, good, eos], [a, bad, bad, eos]]
     assert enc["labels"] == [[-100, -100, -100, good, eos], [-100, bad, bad, eos]]
     assert enc["attention_mask"] == [[1] * 5, [1] * 4]
@@ -278,9 +266,7 @@ def test_causal_lm_truncates_prompt_from_left(word_tokenizer):
     assert enc["labels"][0] == [-100, -100, -100, ids("good"), tok.eos_token_id]
     # a target longer than the budget loses its end, the whole prompt goes first
     with pytest.warns(TruncationWarning, match="1 of 1 rows"):
-        enc = tokenize_with_budget(
-            tok, ["a b"], max_length=5, prefix_tokens=2, targets=["g h i j"], mode="causal_lm"
-        )
+        enc = tokenize_with_budget(tok, ["a b"], max_length=5, prefix_tokens=2, targets=["g h i j"], mode="causal_lm")
     assert enc["input_ids"] == [ids(["g", "h", "i"])] and enc["labels"] == enc["input_ids"]
 
 

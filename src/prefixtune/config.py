@@ -43,9 +43,7 @@ class PrefixConfig:
         "scored far below both.",
         "auto",
     )
-    layers: list[int] | None = _help(
-        "Layer indices that get a prefix (method 'prefix'); None means every layer.", None
-    )
+    layers: list[int] | None = _help("Layer indices that get a prefix (method 'prefix'); None means every layer.", None)
     reparam: str = _help(
         "none: learn keys/values directly. mlp: learn them through embedding -> Linear -> Tanh -> Linear "
         "(Li & Liang); the MLP is collapsed to plain keys/values for inference.",

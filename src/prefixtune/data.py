@@ -64,13 +64,10 @@ def _read_json(path: str, text: str) -> list[tuple[str, dict]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PrefixTuneError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
+        raise PrefixTuneError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, list):
         raise PrefixTuneError(
-            f"{path}: expected a JSON list of objects, got a {type(data).__name__} "
-            "(use .jsonl for one object per line)"
+            f"{path}: expected a JSON list of objects, got a {type(data).__name__} (use .jsonl for one object per line)"
         )
     for i, item in enumerate(data):
         if not isinstance(item, dict):
@@ -125,9 +122,7 @@ def read_table(
             raise PrefixTuneError(f"{path}: the file is empty (no header, no rows)")
         for _, col in wanted:
             if col not in header:
-                raise PrefixTuneError(
-                    f"{path}: column {col!r} not found; columns present: {', '.join(header)}"
-                )
+                raise PrefixTuneError(f"{path}: column {col!r} not found; columns present: {', '.join(header)}")
     else:
         raw_rows = _read_json(path, text) if ext == ".json" else _read_jsonl(path, text)
     if not raw_rows:
@@ -224,9 +219,7 @@ def load_hub_dataset(
     try:
         import datasets
     except ImportError:
-        raise PrefixTuneError(
-            "loading hub data sets needs the 'datasets' package: pip install datasets"
-        ) from None
+        raise PrefixTuneError("loading hub data sets needs the 'datasets' package: pip install datasets") from None
     try:
         ds = datasets.load_dataset(name, config, split=split, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
@@ -335,15 +328,13 @@ def tokenize_with_budget(
             tgt = tokenizer(text_target=targets, truncation=False, verbose=False)["input_ids"]
             long_t = [i for i, ids in enumerate(tgt) if len(ids) > t_budget]
             if long_t:
-                cut = tokenizer(
-                    text_target=[targets[i] for i in long_t], truncation=True, max_length=t_budget
-                )["input_ids"]
+                cut = tokenizer(text_target=[targets[i] for i in long_t], truncation=True, max_length=t_budget)[
+                    "input_ids"
+                ]
                 for j, i in enumerate(long_t):
                     tgt[i] = cut[j]
             enc["labels"] = [list(ids) for ids in tgt]
-            _warn_truncated(
-                len(long_t), len(texts), t_budget, max_length, prefix_tokens, " on the target side"
-            )
+            _warn_truncated(len(long_t), len(texts), t_budget, max_length, prefix_tokens, " on the target side")
         _warn_truncated(n_cut, len(texts), budget, max_length, prefix_tokens, "")
         return enc
 

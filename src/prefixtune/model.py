@@ -162,7 +162,9 @@ class PrefixModel(nn.Module):
             module.table.data.copy_(torch.randn(module.shape, generator=gen))
         else:
             pairs = self._record_kv(self._token_ids(tokenizer, length)[None], embeds=False)
-            module.table.data.copy_(kv_to_table([p for p, c in zip(pairs, self.columns, strict=True) if c is not None]).float())
+            module.table.data.copy_(
+                kv_to_table([p for p, c in zip(pairs, self.columns, strict=True) if c is not None]).float()
+            )
         return module
 
     # ------------------------------------------------------------------------------------ prefix values
@@ -305,6 +307,13 @@ class PrefixModel(nn.Module):
         kwargs = dict(gradient_checkpointing_kwargs or {})
         kwargs.update(use_reentrant=False, context_fn=_checkpoint_contexts)
         self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @property
+    def positions_used(self) -> int:
+        """Position slots the prefix takes from the model: inputs must fit in max_positions - this."""
+        if self._offset or not self._uses_kv:
+            return self.prefix_config.num_virtual_tokens
+        return 0
 
     def trainable_parameters(self) -> dict[str, float]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
