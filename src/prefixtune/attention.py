@@ -31,18 +31,20 @@ SUPPORTED_BASES = ("sdpa", "eager")
 class PrefixState:
     """The prefix of one forward/generate call.
 
-    `kv[slot]` is `(keys, values)` of shape `[B or 1, kv_heads, P, head_dim]`; a batch of B divides the
-    query batch (beam search and `num_return_sequences` repeat rows). `visible` is an optional
-    `[B, P]` bool mask for rows whose prefix is shorter than P, or that have none. `record`, when a
-    dict, receives each slot's `(query_len, keys, values)`: that is how the probe finds slots and how
-    prefixes are initialised from the model's own activations on real words.
+    `kv[slot]` is `(keys, values, visible)`: keys and values of shape `[B or 1, kv_heads, P, head_dim]`,
+    where a batch of B divides the query batch (beam search and `num_return_sequences` repeat rows),
+    and `visible`, None or a `[B, P]` bool mask for rows whose prefix is shorter than P or absent.
+    `record`, when a dict, receives each slot's `(query_len, keys, values)`: that is how the probe finds
+    slots and how prefixes are initialised from the model's own activations on real words.
+    `offset` is added to decoder position ids (PEFT's and the paper's convention); `heads` maps a
+    head module to the modules that replace it, per group of rows (see `hooks.py`).
     """
 
     slots: dict[nn.Module, int]
-    kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
-    visible: torch.Tensor | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None] | None = None
     record: dict[int, tuple[int, torch.Tensor, torch.Tensor]] | None = field(default=None)
-    offset: torch.Tensor | int | None = None  # added to decoder position ids (PEFT/paper convention)
+    offset: torch.Tensor | int | None = None
+    heads: dict[nn.Module, list[tuple[torch.Tensor | None, nn.Module]]] | None = None
 
 
 _ACTIVE: ContextVar[PrefixState | None] = ContextVar("prefixtune_active", default=None)
@@ -62,7 +64,7 @@ def activate(state: PrefixState) -> Iterator[PrefixState]:
         _ACTIVE.reset(token)
 
 
-def _rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+def match_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
     """Match a prefix tensor's batch to the query batch (shared prefix, or rows repeated by beams)."""
     if t.shape[0] == batch:
         return t
@@ -89,7 +91,7 @@ def _widen_mask(
     if mask is None and visible is None and not causal:
         return None
     cols = visible if visible is not None else torch.ones(1, prefix_len, dtype=torch.bool, device=device)
-    cols = _rows(cols, batch)[:, None, None, :]  # [B, 1, 1, P]
+    cols = match_rows(cols, batch)[:, None, None, :]  # [B, 1, 1, P]
     if mask is None:
         if causal:  # bottom-right aligned: query i sits at absolute position kv_len - q_len + i
             q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
@@ -125,17 +127,15 @@ def _make_attention(base: str):
             return fn(module, query, key, value, attention_mask, *args, **kwargs)
         if state.record is not None:
             state.record[slot] = (query.shape[2], key, value)
-        pair = state.kv[slot] if state.kv is not None else None
-        if pair is None:
+        entry = state.kv[slot] if state.kv is not None else None
+        if entry is None:
             return fn(module, query, key, value, attention_mask, *args, **kwargs)
         batch, kv_len = query.shape[0], key.shape[2]
-        pk, pv = (_rows(t, batch).to(key.dtype) for t in pair)
+        pk, pv = (match_rows(t, batch).to(key.dtype) for t in entry[:2])
         plen = pk.shape[2]
         key = torch.cat([pk, key], dim=2)
         value = torch.cat([pv, value], dim=2)
-        attention_mask = _widen_mask(
-            attention_mask, module, query, kv_len, plen, state.visible, kwargs.get("is_causal")
-        )
+        attention_mask = _widen_mask(attention_mask, module, query, kv_len, plen, entry[2], kwargs.get("is_causal"))
         bias = kwargs.get("position_bias")
         if bias is not None:  # T5: the prefix columns get no relative-position bias
             zeros = bias.new_zeros(*bias.shape[:-1], plen)

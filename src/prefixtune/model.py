@@ -11,6 +11,7 @@ Two ways a prefix reaches the model, chosen once at attach time:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import attention, serialization
+from prefixtune import attention, batching, hooks, serialization
 from prefixtune.config import PrefixConfig
 from prefixtune.discovery import Layout, modules_by_slot, probe
 from prefixtune.errors import PrefixTuneError
@@ -60,20 +61,21 @@ class PrefixModel(nn.Module):
         self.layout = probe(base_model)
         self.task = _task_of(base_model, self.layout, config.task)
         self._slots = modules_by_slot(base_model, self.layout)
-        self._uses_kv = config.method == "prefix" or self.layout.is_causal
+        self.uses_kv = config.method == "prefix" or self.layout.is_causal
         offset = config.position_offset if config.position_offset is not None else self.layout.is_causal
-        self._offset = bool(offset) and self._uses_kv
+        self.offset_positions = bool(offset) and self.uses_kv
         self._enabled = True
         self._frozen_kv: tuple[torch.device, list] | None = None
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.head_modules = self._find_heads()
-        for name in self.head_modules:
-            getattr(base_model, name).requires_grad_(True)
+        # Each prefix trains its own copy of the head; the base model's stays frozen and shareable.
+        self.heads = nn.ModuleDict(
+            {n: copy.deepcopy(getattr(base_model, n)).requires_grad_(True) for n in self.head_modules}
+        )
+        hooks.install(base_model, self.head_modules)
         self.columns = self._columns()
         self.prefix = self._build(tokenizer, _init)
-        if self._offset:
-            self._hook = base_model.register_forward_pre_hook(self._shift_positions, with_kwargs=True)
 
     # ----------------------------------------------------------------------------------------- setup
     def _find_heads(self) -> list[str]:
@@ -197,68 +199,25 @@ class PrefixModel(nn.Module):
         prompt = self.prefix().to(self._embeddings().weight.dtype)[None]
         return self._record_kv(prompt, embeds=True)
 
-    def _join_prompt(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Join the soft prompt to the input embeddings (encoders: after [CLS]; encoder-decoders: in front)."""
-        kwargs = dict(kwargs)
-        ids = kwargs.pop("input_ids", None)
-        embeds = kwargs.pop("inputs_embeds", None)
-        if embeds is None:
-            if ids is None:
-                raise PrefixTuneError("pass input_ids or inputs_embeds")
-            embeds = self._embeddings()(ids)
-        batch, length = embeds.shape[:2]
-        prompt = self.prefix().to(embeds.dtype)[None].expand(batch, -1, -1)
-        at = 0 if self.layout.is_encoder_decoder else min(1, length)
-        kwargs["inputs_embeds"] = torch.cat([embeds[:, :at], prompt, embeds[:, at:]], dim=1)
-        plen = prompt.shape[1]
-        for name, fill in (("attention_mask", 1), ("token_type_ids", 0)):
-            value = kwargs.get(name)
-            if value is not None:
-                pad = value.new_full((batch, plen), fill)
-                kwargs[name] = torch.cat([value[:, :at], pad, value[:, at:]], dim=1)
-        if self.layout.is_encoder_decoder:
-            return kwargs
-        kwargs.pop("position_ids", None)
-        return kwargs
-
-    def _state(self) -> attention.PrefixState:
-        kv = self.prefix_kv()
-        length = next(p for p in kv if p is not None)[0].shape[2]
-        return attention.PrefixState(slots=self._slots, kv=kv, offset=length if self._offset else None)
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix_config.num_virtual_tokens
 
     @contextlib.contextmanager
     def _prefixed(self, kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if not self._enabled:
             yield kwargs
-        elif not self._uses_kv:
-            yield self._join_prompt(kwargs)
-        else:
-            with attention.activate(self._state()):
-                yield kwargs
+            return
+        groups = [(None, self)]
+        kwargs = batching.join_prompts(kwargs, groups, self._embeddings(), self.prompt_position)
+        batch = next((v.shape[0] for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")), 1)
+        with attention.activate(batching.build_state(self._slots, groups, batch)):
+            yield kwargs
 
-    def _shift_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Forward pre-hook: real tokens at positions P..P+n-1 (PEFT and Li & Liang's convention)."""
-        state = attention.current_state()
-        if state is None or state.offset is None or state.record is not None:
-            return None
-        ref = args[0] if args else kwargs.get("input_ids")
-        if ref is None:
-            ref = kwargs["inputs_embeds"]
-        batch, q_len = ref.shape[:2]
-        positions = kwargs.get("position_ids")
-        if positions is None:
-            mask = kwargs.get("attention_mask")
-            if mask is not None and mask.dim() == 2:
-                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
-            else:
-                cache = kwargs.get("past_key_values")
-                past = cache.get_seq_length() if cache is not None else 0
-                positions = torch.arange(past, past + q_len, device=ref.device)[None].expand(batch, -1)
-        offset = state.offset
-        if isinstance(offset, torch.Tensor):
-            offset = attention._rows(offset.view(-1, 1), positions.shape[0])
-        kwargs["position_ids"] = positions + offset
-        return args, kwargs
+    @property
+    def prompt_position(self) -> int:
+        """Where an input-level prompt goes: after [CLS] on encoders, in front on encoder-decoders."""
+        return 0 if self.layout.is_encoder_decoder else 1
 
     # ------------------------------------------------------------------------------------- public API
     def forward(
@@ -311,13 +270,13 @@ class PrefixModel(nn.Module):
     @property
     def positions_used(self) -> int:
         """Position slots the prefix takes from the model: inputs must fit in max_positions - this."""
-        if self._offset or not self._uses_kv:
+        if self.offset_positions or not self.uses_kv:
             return self.prefix_config.num_virtual_tokens
         return 0
 
     def trainable_parameters(self) -> dict[str, float]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(p.numel() for p in self.base_model.parameters()) + sum(p.numel() for p in self.prefix.parameters())
         return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
     def print_trainable_parameters(self) -> None:
@@ -350,8 +309,8 @@ class PrefixModel(nn.Module):
             tensors["prompt"] = self.prefix.embedding.detach()
         else:
             tensors["text_ids"] = self.text_ids
-        for name in self.head_modules:
-            for key, value in getattr(self.base_model, name).state_dict().items():
+        for name, head in self.heads.items():
+            for key, value in head.state_dict().items():
                 tensors[f"head.{name}.{key}"] = value
         return tensors
 
@@ -422,9 +381,10 @@ class PrefixModel(nn.Module):
                 self.text_ids.copy_(tensors["text_ids"])
                 self.prefix.embedding.copy_(self._embeddings()(self.text_ids))
                 self._frozen_kv = None
-            for name in self.head_modules:
-                head = {k[len(name) + 6 :]: v for k, v in tensors.items() if k.startswith(f"head.{name}.")}
-                getattr(self.base_model, name).load_state_dict(head)
+            for name, head in self.heads.items():
+                head.load_state_dict(
+                    {k[len(name) + 6 :]: v for k, v in tensors.items() if k.startswith(f"head.{name}.")}
+                )
 
 
 def attach(model: nn.Module, config: PrefixConfig | None = None, tokenizer: Any = None, **options: Any) -> PrefixModel:
