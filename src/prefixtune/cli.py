@@ -1,0 +1,573 @@
+"""`prefixtune`: train, evaluate, predict, generate, demo and info from the command line.
+
+Every verb is also a Python function here (`train(**options)`, `evaluate(...)`, ...) taking the
+same option names as the flags, with underscores. Options can also come from a YAML/JSON recipe
+(`--recipe`); flags given on the command line win. Mistakes print one `error: ...` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefixtune import recipes, serialization
+from prefixtune.config import PrefixConfig
+from prefixtune.errors import PrefixTuneError
+from prefixtune.train import TrainConfig, TrainResult
+
+# ------------------------------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option, shared by the flag parser, recipes and the Python functions."""
+
+    name: str
+    type: Any = str  # str, int, float, bool, "ints", "strs"
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None  # defaults to --name-with-dashes
+
+    @property
+    def flag_name(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+def _prefix_help(name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(PrefixConfig) if f.name == name)
+
+
+def _from_dataclass(cls: type, skip: Sequence[str] = (), rename: dict[str, str] | None = None) -> list[Option]:
+    """Options built from a dataclass, so the --help text is the dataclass's own documentation."""
+    hints = typing.get_type_hints(cls)
+    rename = rename or {}
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if args else hint
+        kind: Any = base
+        if typing.get_origin(base) is list:
+            kind = "ints" if typing.get_args(base)[0] is int else "strs"
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append(Option(rename.get(f.name, f.name), kind, default, f.metadata.get("help", "")))
+    return out
+
+
+MODEL_OPTIONS = [
+    Option("model", str, None, "Base model: 'minilm', 'smollm2' (bundled, offline), a local folder or a hub name."),
+    Option(
+        "task",
+        str,
+        "auto",
+        "classification | causal_lm | seq2seq_lm. auto: classification when the data has labels, "
+        "else causal or seq2seq LM from the model.",
+        ("auto", "classification", "causal_lm", "seq2seq_lm"),
+    ),
+]
+DATA_OPTIONS = [
+    Option("dataset", str, None, "A bundled data set (research use): rotten_tomatoes | bbc_topic | bbc_headline."),
+    Option("train_file", str, None, "Training data: .csv, .tsv, .json (list of objects) or .jsonl."),
+    Option("validation_file", str, None, "Validation data, same format; used for evaluation during training."),
+    Option("test_file", str, None, "Test data, same format; scored after training and by `evaluate`."),
+    Option("hub_dataset", str, None, "A Hugging Face hub data set name (needs the network)."),
+    Option("hub_config", str, None, "Configuration name of the hub data set."),
+    Option("text_column", str, "text", "Column holding the input text."),
+    Option("label_column", str, "label", "Column holding the class label (classification)."),
+    Option("target_column", str, None, "Column holding the target text (generation); setting it means generation."),
+    Option("data_seed", int, 0, "Seed of the bundled data sets' train/validation/test split."),
+    Option("max_train_samples", int, None, "Use only the first N training rows."),
+    Option("max_eval_samples", int, None, "Use only the first N validation/test rows."),
+]
+PREFIX_OPTIONS = [
+    *_from_dataclass(PrefixConfig, skip=("task", "seed", "text", "head_modules", "position_offset")),
+    Option("prefix_text", str, None, _prefix_help("text")),
+    Option("head_modules", "strs", None, _prefix_help("head_modules")),
+]
+TRAIN_OPTIONS = _from_dataclass(TrainConfig)
+RECIPE = Option("recipe", str, None, "YAML or JSON file of options (same names as the flags); flags win.")
+PREFIX_DIR = Option("prefix", str, None, "Folder of a saved prefix (the output folder of `train`).", flag="--prefix")
+OUTPUT = Option("output", str, None, "Write here (atomically) instead of stdout; .csv gives CSV, else JSONL.")
+FORMAT = Option("format", str, None, "Output format: jsonl | csv (default: from the output suffix).", ("jsonl", "csv"))
+GEN_OPTIONS = [
+    Option("max_new_tokens", int, 32, "Most tokens to generate per text."),
+    Option("num_beams", int, 1, "Beam search width (1: greedy)."),
+    Option("do_sample", bool, False, "Sample instead of greedy/beam decoding."),
+    Option("temperature", float, 1.0, "Sampling temperature."),
+    Option("top_p", float, 1.0, "Nucleus sampling threshold."),
+]
+EVAL_OPTIONS = [
+    PREFIX_DIR,
+    Option("model", str, None, "Base model; default: the one recorded when the prefix was trained."),
+    *[o for o in DATA_OPTIONS if o.name not in ("train_file", "validation_file", "max_train_samples")],
+    Option("split", str, "test", "Which split of a bundled or hub data set to score.", ("train", "validation", "test")),
+    Option("batch_size", int, 64, "Examples per forward pass."),
+    Option("max_length", int, None, "Longest input, prefix included; default: the value used in training."),
+    Option("max_new_tokens", int, 32, "Tokens to generate when scoring generation."),
+    Option("bf16", bool, False, "bfloat16 autocast."),
+    Option("output", str, None, "Also write the metrics as JSON here (atomically)."),
+]
+PREDICT_OPTIONS = [
+    PREFIX_DIR,
+    Option("model", str, None, "Base model; default: the one recorded when the prefix was trained."),
+    Option("input", str, None, "Texts: a .csv/.json/.jsonl file (its --text-column), a .txt file, or - for stdin."),
+    Option("text_column", str, "text", "Column of the input file holding the text."),
+    OUTPUT,
+    FORMAT,
+    Option("batch_size", int, 64, "Examples per forward pass."),
+    Option("max_length", int, None, "Longest input, prefix included; default: the value used in training."),
+]
+GENERATE_OPTIONS = [
+    *PREDICT_OPTIONS[:2],
+    Option("prompt", "strs", None, "A text to continue or transform; repeat the flag for several."),
+    *PREDICT_OPTIONS[2:],
+    *GEN_OPTIONS,
+]
+INFO_OPTIONS = [
+    PREFIX_DIR,
+    Option("model", str, None, "Also check whether the prefix fits this base model."),
+    Option("json", bool, False, "Print the information as JSON."),
+]
+DEMO_OPTIONS = [
+    Option("output_dir", str, "prefixtune-demo", "Folder for the demo's prefix and logs."),
+    Option("train_samples", int, 4000, "Training snippets used (the demo must finish in about 3 minutes)."),
+    Option("epochs", int, 1, "Passes over the training snippets."),
+    Option("num_virtual_tokens", int, 16, _prefix_help("num_virtual_tokens")),
+    Option("learning_rate", float, 3e-2, "Peak learning rate of the prefix (and of the head)."),
+    Option("seed", int, 42, "Seed of the run."),
+    Option("threads", int, None, "CPU threads for torch (default: torch's choice)."),
+]
+VERB_OPTIONS: dict[str, list[Option]] = {
+    "train": [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS],
+    "evaluate": EVAL_OPTIONS,
+    "predict": PREDICT_OPTIONS,
+    "generate": GENERATE_OPTIONS,
+    "info": INFO_OPTIONS,
+    "demo": DEMO_OPTIONS,
+}
+VERB_HELP = {
+    "train": "Train a prefix on a frozen model and save it (with metrics.jsonl, curves.png, checkpoints).",
+    "evaluate": "Score a saved prefix: accuracy and macro-F1, or ROUGE-1/2/L and BLEU.",
+    "predict": "Classify (or generate for) texts from a file or stdin; write JSONL or CSV.",
+    "generate": "Generate text with a causal-LM or seq2seq prefix.",
+    "demo": "Train a sentiment prefix on MiniLM + Rotten Tomatoes beside a head-only baseline (about 3 minutes).",
+    "info": "Show what a saved prefix holds and which base model it fits.",
+}
+
+
+def _coerce(option: Option, value: Any, source: str) -> Any:
+    """Check a recipe/Python value against the option's type (YAML reads '1e-2' as a string)."""
+    if value is None:
+        return None
+    kind = option.type
+    try:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind in ("ints", "strs"):
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list):
+                raise TypeError
+            return [int(v) for v in items] if kind == "ints" else [str(v).strip() for v in items]
+        if not isinstance(value, str):
+            raise TypeError
+    except (TypeError, ValueError):
+        expected = {"ints": "a list of integers", "strs": "a list of strings"}.get(
+            kind, getattr(kind, "__name__", kind)
+        )
+        raise PrefixTuneError(f"{source}: option {option.name!r} must be {expected}, got {value!r}") from None
+    if option.choices and value not in option.choices:
+        raise PrefixTuneError(
+            f"{source}: option {option.name!r} must be one of {', '.join(option.choices)}, got {value!r}"
+        )
+    return value
+
+
+def resolve_options(verb: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Defaults, overridden by the recipe (if any), overridden by `given` (flags or keyword arguments)."""
+    options = {o.name: o for o in VERB_OPTIONS[verb]}
+    given = dict(given)
+    recipe_path = given.pop("recipe", None)
+    unknown = sorted(set(given) - set(options))
+    if unknown:
+        raise PrefixTuneError(f"unknown option(s) for {verb}: {', '.join(unknown)}")
+    recipe = recipes.load_recipe(recipe_path, options) if recipe_path else {}
+    merged = recipes.merge(recipe, given)
+    out = {name: o.default for name, o in options.items()}
+    for name, value in merged.items():
+        source = f"recipe {recipe_path}" if name in recipe and given.get(name) is None else "option"
+        out[name] = _coerce(options[name], value, source)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- data
+def _limit(rows: list[dict], n: int | None) -> list[dict]:
+    return rows[:n] if n else rows
+
+
+def _file_rows(path: str, opts: dict, generation: bool) -> list[dict]:
+    from prefixtune.data import read_table
+
+    label = None if generation else opts["label_column"]
+    target = opts["target_column"] if generation else None
+    return read_table(path, opts["text_column"], label, target)
+
+
+def _hub_rows(opts: dict, generation: bool) -> dict[str, list[dict]]:
+    from prefixtune.data import load_hub_dataset
+
+    raw = load_hub_dataset(opts["hub_dataset"], opts["hub_config"])
+    wanted = {"text": opts["text_column"]}
+    wanted.update({"target": opts["target_column"]} if generation else {"label": opts["label_column"]})
+    splits = {}
+    for split, records in raw.items():
+        rows = []
+        for i, rec in enumerate(records):
+            missing = [c for c in wanted.values() if c not in rec]
+            if missing:
+                raise PrefixTuneError(
+                    f"hub data set {opts['hub_dataset']!r} split {split!r} row {i} has no column(s) {missing}; "
+                    f"columns present: {', '.join(rec)}"
+                )
+            rows.append({k: rec[c] for k, c in wanted.items()})
+        splits["validation" if split in ("validation", "valid", "dev") else split] = rows
+    return splits
+
+
+def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[str, list[dict]], list[str] | None]:
+    """`({split: rows}, label_names)` from a bundled data set, local files or the hub; labels as indices."""
+    from prefixtune.assets import load_builtin_dataset
+    from prefixtune.data import encode_labels
+
+    sources = [k for k in ("dataset", "hub_dataset") if opts.get(k)]
+    files = {s: opts.get(f"{s}_file") for s in ("train", "validation", "test") if opts.get(f"{s}_file")}
+    if len(sources) + bool(files) != 1:
+        raise PrefixTuneError("give exactly one data source: --dataset, --hub-dataset, or --train-file/--test-file")
+    generation = opts.get("target_column") is not None or opts.get("task") in ("causal_lm", "seq2seq_lm")
+    if opts.get("dataset"):
+        ds = load_builtin_dataset(opts["dataset"], seed=opts.get("data_seed") or 0)
+        splits = {k: list(v) for k, v in ds.splits.items()}
+        names = ds.label_names
+        if label_names is not None and names is not None and list(label_names) != list(names):
+            raise PrefixTuneError(f"the prefix was trained on labels {label_names}, {opts['dataset']} has {names}")
+    else:
+        if generation and opts.get("target_column") is None:
+            raise PrefixTuneError("generation data needs --target-column (the column holding the target text)")
+        if opts.get("hub_dataset"):
+            splits = _hub_rows(opts, generation)
+        else:
+            splits = {s: _file_rows(p, opts, generation) for s, p in files.items()}
+        names = label_names
+        if not generation:
+            first = splits.get("train") or next(iter(splits.values()))
+            _, names = encode_labels(first, label_names)
+            for rows in splits.values():
+                indices, _ = encode_labels(rows, names)
+                for row, k in zip(rows, indices, strict=True):
+                    row["label"] = k
+    limit_train, limit_eval = opts.get("max_train_samples"), opts.get("max_eval_samples")
+    splits = {s: _limit(rows, limit_train if s == "train" else limit_eval) for s, rows in splits.items()}
+    for split, rows in splits.items():
+        if not rows:
+            raise PrefixTuneError(f"the {split} split is empty (no rows)")
+    return splits, names
+
+
+# -------------------------------------------------------------------------------------------- verbs
+def _prefix_config(opts: dict, seed: int) -> PrefixConfig:
+    fields = {f.name for f in dataclasses.fields(PrefixConfig)}
+    values = {k: opts[k] for k in fields if k in opts and opts[k] is not None}
+    if opts.get("prefix_text"):
+        values["text"] = opts["prefix_text"]
+    values["seed"] = seed
+    values.pop("task", None)
+    return PrefixConfig(**values)
+
+
+def _print_table(rows: Sequence[tuple[str, Any]], title: str | None = None) -> None:
+    from prefixtune.train import summary_table
+
+    if title:
+        print(title)
+    print(summary_table(rows))
+
+
+def train(**options: Any) -> TrainResult:
+    """Load model and data, attach a prefix, train it, then score the test split if there is one."""
+    from prefixtune import tasks
+    from prefixtune.model import attach
+
+    opts = resolve_options("train", options)
+    if not opts["model"]:
+        raise PrefixTuneError("train needs --model (minilm, smollm2, a folder or a hub name)")
+    splits, label_names = load_data(opts)
+    if "train" not in splits:
+        raise PrefixTuneError("no training data: give --train-file, or a --dataset/--hub-dataset with a train split")
+    has_labels = "label" in splits["train"][0]
+    task = opts["task"]
+    if task == "auto":
+        task = "classification" if has_labels else "auto"
+    if task == "classification" and not has_labels:
+        raise PrefixTuneError("classification needs labels: set --label-column (or drop --target-column)")
+    train_cfg = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
+    prefix_cfg = _prefix_config(opts, train_cfg.seed)
+    num_labels = len(label_names) if label_names else None
+    base, tokenizer, task = tasks.load_model(opts["model"], task, num_labels, label_names)
+    model = attach(base, prefix_cfg, tokenizer=tokenizer)
+    eval_rows = splits.get("validation")
+    info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"]}
+    result = train_with_model(model, tokenizer, splits["train"], eval_rows, train_cfg, info)
+    test_rows = splits.get("test")
+    if test_rows:
+        metrics = tasks.evaluate(
+            model, tokenizer, test_rows, train_cfg.max_length, train_cfg.eval_batch_size, train_cfg.template,
+            train_cfg.max_target_length, train_cfg.max_new_tokens, bf16=train_cfg.bf16,
+        )  # fmt: skip
+        serialization.write_json(Path(train_cfg.output_dir) / "test_metrics.json", metrics)
+        _print_table(list(metrics.items()), f"test ({len(test_rows)} rows)")
+        result.last_eval = {f"test_{k}": v for k, v in metrics.items()} | result.last_eval
+    return result
+
+
+def train_with_model(model: Any, tokenizer: Any, train_rows: list, eval_rows: Any, cfg: TrainConfig, info: dict) -> Any:
+    """The Python entry point when you already hold a PrefixModel: see `prefixtune.train.train`."""
+    from prefixtune.train import train as run
+
+    return run(model, tokenizer, train_rows, eval_rows, cfg, info)
+
+
+def _load_saved(opts: dict) -> tuple[Any, Any, dict]:
+    from prefixtune import tasks
+
+    if not opts.get("prefix"):
+        raise PrefixTuneError("give --prefix (the folder `prefixtune train` wrote)")
+    return tasks.load_prefix(opts["prefix"], opts.get("model"))
+
+
+def evaluate(**options: Any) -> dict[str, float]:
+    """Score a saved prefix on a split of a bundled/hub data set or on --test-file."""
+    from prefixtune import tasks
+
+    opts = resolve_options("evaluate", options)
+    model, tokenizer, info = _load_saved(opts)
+    if model.task == "classification":
+        opts["target_column"] = None
+    elif opts["target_column"] is None and (opts.get("test_file") or opts.get("hub_dataset")):
+        raise PrefixTuneError("this is a generation prefix: give --target-column for the reference texts")
+    opts["task"] = model.task
+    splits, _ = load_data(opts, info.get("label_names"))
+    split = "test" if opts.get("test_file") else opts["split"]
+    if split not in splits:
+        raise PrefixTuneError(f"the data has no {split!r} split (it has {', '.join(splits)})")
+    rows = splits[split]
+    max_length = opts["max_length"] or info.get("max_length") or 512
+    metrics = tasks.evaluate(
+        model, tokenizer, rows, max_length, opts["batch_size"], info.get("template", "{text}"),
+        info.get("max_target_length"), opts["max_new_tokens"], bf16=opts["bf16"],
+    )  # fmt: skip
+    if opts["output"]:
+        serialization.write_json(opts["output"], metrics)
+    _print_table(list(metrics.items()), f"{split} ({len(rows)} rows)")
+    return metrics
+
+
+def predict(**options: Any) -> list[dict]:
+    """Classify texts from a file or stdin; write JSONL or CSV to --output or stdout."""
+    from prefixtune import tasks
+
+    opts = resolve_options("predict", options)
+    texts = tasks.read_texts(opts["input"], opts["text_column"])
+    model, tokenizer, info = _load_saved(opts)
+    records = tasks.predict(
+        model, tokenizer, texts, info.get("label_names"), opts["max_length"] or info.get("max_length") or 512,
+        opts["batch_size"], info.get("template", "{text}"),
+    )  # fmt: skip
+    tasks.write_records(records, opts["output"], opts["format"])
+    return records
+
+
+def generate(**options: Any) -> list[dict]:
+    """Generate for --prompt texts or an input file/stdin with a causal-LM or seq2seq prefix."""
+    from prefixtune import tasks
+
+    opts = resolve_options("generate", options)
+    texts = opts["prompt"] or tasks.read_texts(opts["input"], opts["text_column"])
+    if not texts:
+        raise PrefixTuneError("nothing to generate for: give --prompt or --input")
+    model, tokenizer, info = _load_saved(opts)
+    gen = {k: opts[k] for k in ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p")}
+    records = tasks.predict(
+        model, tokenizer, texts, None, opts["max_length"] or info.get("max_length") or 512, opts["batch_size"],
+        info.get("template", "{text}"), **gen,
+    )  # fmt: skip
+    tasks.write_records(records, opts["output"], opts["format"])
+    return records
+
+
+def info(**options: Any) -> dict:
+    """What a saved prefix holds (method, sizes, tensors, training record) and which base model it fits."""
+    from prefixtune import tasks
+
+    opts = resolve_options("info", options)
+    if not opts["prefix"]:
+        raise PrefixTuneError("give --prefix (a folder with prefixtune_config.json)")
+    record = serialization.read_config(opts["prefix"])
+    tensors = serialization.read_tensors(opts["prefix"])
+    training = tasks.read_train_info(opts["prefix"])
+    base = record.get("base_model", {})
+    report: dict[str, Any] = {
+        "prefix": record.get("prefix", {}),
+        "task": record.get("task"),
+        "base_model": base,
+        "tensors": {
+            k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()
+        },
+        "parameters": int(sum(v.numel() for v in tensors.values())),
+        "bytes": (Path(opts["prefix"]) / serialization.WEIGHTS_NAME).stat().st_size,
+        "trained_on": {k: training.get(k) for k in ("model", "dataset", "label_names", "template") if k in training},
+    }
+    if opts["model"]:
+        report["fits"] = _fits(opts["prefix"], opts["model"], record)
+    if opts["json"]:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_info(report)
+    return report
+
+
+def _fits(directory: str, model_name: str, record: dict) -> dict:
+    """Load the base model's architecture and compare it with the identity recorded in the prefix."""
+    from prefixtune import tasks
+    from prefixtune.discovery import probe
+    from prefixtune.model import IDENTITY_KEYS
+
+    model, _, _ = tasks.load_model(model_name, record.get("task", "auto"), num_labels=2)
+    found = probe(model).identity()
+    expected = record.get("base_model", {})
+    diff = [k for k in IDENTITY_KEYS if expected.get(k) != found.get(k)]
+    return {"model": model_name, "fits": not diff, "differs_in": diff}
+
+
+def _print_info(report: dict) -> None:
+    cfg, base = report["prefix"], report["base_model"]
+    rows: list[tuple[str, Any]] = [
+        ("method", cfg.get("method")),
+        ("virtual tokens", cfg.get("num_virtual_tokens")),
+        ("layers", "all" if cfg.get("layers") is None else cfg.get("layers")),
+        ("reparam", cfg.get("reparam")),
+        ("task", report["task"]),
+        ("parameters", f"{report['parameters']:,}"),
+        ("file size", f"{report['bytes']:,} bytes"),
+        ("base architecture", base.get("architecture")),
+        ("base model", base.get("name_or_path") or "unnamed"),
+    ]
+    rows += [(f"base {k}", base.get(k)) for k in ("model_type", "num_layers", "hidden_size", "kv_heads", "head_dim")]
+    rows += [(f"trained {k}", v) for k, v in report["trained_on"].items() if v is not None]
+    if "fits" in report:
+        fit = report["fits"]
+        rows.append((f"fits {fit['model']}", "yes" if fit["fits"] else f"no ({', '.join(fit['differs_in'])})"))
+    _print_table(rows)
+    print("tensors:")
+    for name, t in report["tensors"].items():
+        print(f"  {name}: {tuple(t['shape'])} {t['dtype']}")
+
+
+def demo(**options: Any) -> dict:
+    """The README's main command: see `prefixtune.demo`."""
+    from prefixtune.demo import run_demo
+
+    opts = resolve_options("demo", options)
+    return run_demo(**opts)
+
+
+VERBS = {"train": train, "evaluate": evaluate, "predict": predict, "generate": generate, "info": info, "demo": demo}
+
+
+# --------------------------------------------------------------------------------------------- parser
+def _add(parser: argparse.ArgumentParser, option: Option) -> None:
+    shown = "" if option.default is None else f" (default: {option.default})"
+    kwargs: dict[str, Any] = {"dest": option.name, "default": None, "help": option.help + shown}
+    if option.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif option.type == "strs" and option.name == "prompt":
+        kwargs["action"] = "append"
+    elif option.type in ("ints", "strs"):
+        kwargs["metavar"] = "A,B,..."
+    else:
+        kwargs["type"] = option.type
+        if option.choices:
+            kwargs["choices"] = option.choices
+    parser.add_argument(option.flag_name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefixtune",
+        description="Prefix tuning for frozen Hugging Face transformers: train, evaluate, predict, generate.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, options in VERB_OPTIONS.items():
+        p = sub.add_parser(verb, help=VERB_HELP[verb], description=VERB_HELP[verb])
+        if verb in ("train", "evaluate", "predict", "generate"):
+            _add(p, RECIPE)
+        for option in options:
+            _add(p, option)
+    return parser
+
+
+def _one_line_warnings(message: Any, category: Any, filename: str, lineno: int, line: Any = None) -> str:
+    return f"warning: {message}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; a PrefixTuneError becomes one `error: ...` line on stderr and exit code 2."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    verb = args.pop("verb")
+    given = {k: v for k, v in args.items() if v is not None}
+    previous = warnings.formatwarning
+    warnings.formatwarning = _one_line_warnings
+    try:
+        _quiet_libraries()
+        VERBS[verb](**given)
+    except PrefixTuneError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = previous
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' load reports and advisory warnings off the user's terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

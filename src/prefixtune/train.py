@@ -1,0 +1,630 @@
+"""The training loop: cross-entropy on a frozen model's prefix, run through Accelerate.
+
+One code path serves one CPU and many GPUs: `Accelerator.prepare` wraps the model, optimizer,
+data and schedule; only the main process evaluates, logs and writes files. Everything written is
+atomic (temporary file, fsync, rename) and nothing is pickled: a checkpoint is safetensors + JSON,
+and it resumes exactly (optimizer, scheduler, every RNG, and the position inside the epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from prefixtune import serialization, tasks
+from prefixtune.data import collate
+from prefixtune.errors import PrefixTuneError
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
+SCHEDULERS = ("linear", "cosine", "constant")
+METRICS_LOG = "metrics.jsonl"
+CURVES = "curves.png"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+# Settings that must match for a checkpoint to resume exactly.
+RESUME_KEYS = ("batch_size", "grad_accum", "seed", "optimizer", "scheduler", "learning_rate", "epochs", "max_steps")
+
+
+def _opt(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field's help text is also the CLI's `--help` for the matching flag."""
+
+    output_dir: str = _opt("Folder for the prefix, checkpoints, metrics.jsonl and curves.png.", "prefixtune-output")
+    epochs: int = _opt("Passes over the training data.", 3)
+    max_steps: int | None = _opt("Stop after this many optimizer steps (overrides epochs).", None)
+    time_limit: float | None = _opt(
+        "Stop training after this many seconds, then evaluate and save as usual (the schedule is not shortened).",
+        None,
+    )
+    batch_size: int = _opt("Examples per forward pass (per process).", 16)
+    eval_batch_size: int = _opt("Examples per forward pass when evaluating.", 64)
+    learning_rate: float = _opt(
+        "Peak learning rate. Prefixes want far larger rates than fine-tuning: 5e-3..3e-2 (P-tuning v2).", 1e-2
+    )
+    optimizer: str = _opt(
+        "adamw | adam | sgd (momentum 0.9) | rmsprop | adafactor (fixed learning rate, no relative step).", "adamw"
+    )
+    scheduler: str = _opt("Learning-rate schedule after warmup: linear | cosine | constant.", "linear")
+    warmup_ratio: float = _opt("Fraction of the steps spent warming the learning rate up from 0.", 0.06)
+    weight_decay: float = _opt("Decoupled weight decay (adamw, adafactor) or L2 (others).", 0.0)
+    max_grad_norm: float | None = _opt("Clip the gradient norm to this value; None turns clipping off.", 1.0)
+    grad_accum: int = _opt("Micro-batches summed before each optimizer step (effective batch = this x batch).", 1)
+    bf16: bool = _opt("Run forward passes under bfloat16 autocast (the prefix itself stays float32).", False)
+    gradient_checkpointing: bool = _opt("Recompute activations in the backward pass: less memory, ~30% slower.", False)
+    seed: int = _opt("Seed for data order, dropout and prefix initialisation: the same seed gives the same run.", 42)
+    max_length: int = _opt("Longest input in tokens, prefix included; never more than the model's positions.", 128)
+    max_target_length: int | None = _opt("Longest target in tokens (seq2seq); None: same as the input budget.", 64)
+    template: str = _opt("Prompt built from each row; {text} is replaced by the row's text.", "{text}")
+    eval_every: int = _opt("Evaluate every N optimizer steps; 0 evaluates at the end of every epoch.", 0)
+    eval_generate: bool = _opt("Also generate and score ROUGE/BLEU at each evaluation (slow); else loss only.", False)
+    max_new_tokens: int = _opt("Tokens to generate when scoring generation.", 32)
+    patience: int = _opt("Early stopping: stop after this many evaluations without improvement; 0 never stops.", 0)
+    metric: str = _opt(
+        "Metric that picks the best prefix: auto (accuracy, or loss for generation) or any name.", "auto"
+    )
+    checkpoint_every: int = _opt("Write a resumable checkpoint every N steps; 0: at every evaluation.", 0)
+    resume: bool = _opt("Continue from the latest checkpoint in output_dir, exactly where it stopped.", False)
+    log_every: int = _opt("Write the training loss to metrics.jsonl every N steps.", 10)
+    progress: bool = _opt("Show a progress bar with loss, speed and ETA.", True)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise PrefixTuneError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise PrefixTuneError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
+        positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_length", "log_every")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PrefixTuneError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "patience", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise PrefixTuneError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PrefixTuneError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise PrefixTuneError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise PrefixTuneError(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise PrefixTuneError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if "{text}" not in self.template:
+            raise PrefixTuneError(f"template {self.template!r} must contain {{text}}")
+
+    @classmethod
+    def fields_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def types(cls) -> dict[str, Any]:
+        return typing.get_type_hints(cls)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint as JSON."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: where things went and how it ended."""
+
+    output_dir: str
+    steps: int
+    epochs_completed: float
+    seconds: float
+    best_metric: str
+    best_value: float | None
+    best_step: int | None
+    stopped_early: bool
+    out_of_time: bool = False
+    last_eval: dict[str, float] = field(default_factory=dict)
+    trainable: dict[str, float] = field(default_factory=dict)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation fixed by (seed, epoch), so the data order of any epoch can be rebuilt on resume.
+
+    It deliberately has no `set_epoch`: Accelerate would reset it to its own iteration counter,
+    which starts from zero again after a resume.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=gen).tolist())
+
+
+# ---------------------------------------------------------------------------------- building blocks
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The five optimizers the issue names, all driven by an external learning-rate schedule."""
+    lr, wd = cfg.learning_rate, cfg.weight_decay
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=lr, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=wd)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
+    warmup = int(cfg.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def metric_name(cfg: TrainConfig, task: str) -> str:
+    if cfg.metric != "auto":
+        return cfg.metric
+    return "accuracy" if task == "classification" else "loss"
+
+
+def better(name: str, value: float, best: float | None) -> bool:
+    """Loss-like metrics improve downwards, everything else upwards."""
+    if best is None:
+        return True
+    return value < best if name in ("loss", "perplexity") else value > best
+
+
+# ------------------------------------------------------------------------------- optimizer state I/O
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state_dict -> (tensors for safetensors, everything else for JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for index, slots in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(slots)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG that training touches, as uint8/uint32 tensors plus JSON."""
+    version, internal, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    meta = {"python": [version, list(internal), gauss], "numpy": [np_kind, int(np_pos), int(np_has_gauss), np_gauss]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise PrefixTuneError(f"checkpoint file {path} is unreadable: {exc}") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrefixTuneError(f"checkpoint file {path} is missing or not valid JSON: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    directory: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, state: TrainState, cfg: TrainConfig
+) -> None:
+    """Write one resumable checkpoint; it counts only once `latest.json` points at it (written last)."""
+    root = directory / CHECKPOINTS
+    path = root / f"step-{state.step:07d}"
+    rank = accelerator.process_index
+    tensors, meta = _rng_state()
+    serialization.write_bytes(path / f"rng-{rank}.safetensors", safetensors_bytes(tensors))
+    serialization.write_json(path / f"rng-{rank}.json", meta)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(path / "prefix", keep_reparam=True)
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        serialization.write_bytes(path / "optimizer.safetensors", safetensors_bytes(opt_tensors))
+        serialization.write_json(path / "optimizer.json", opt_meta)
+        serialization.write_json(path / "scheduler.json", scheduler.state_dict())
+        serialization.write_json(
+            path / "state.json",
+            {"state": dataclasses.asdict(state), "config": dataclasses.asdict(cfg),
+             "processes": accelerator.num_processes},
+        )  # fmt: skip
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        serialization.write_json(root / LATEST, {"checkpoint": path.name, "step": state.step})
+        for old in root.glob("step-*"):
+            if old.name != path.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    directory: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, cfg: TrainConfig
+) -> TrainState:
+    """Restore everything `save_checkpoint` wrote, refusing a checkpoint made with other settings."""
+    root = directory / CHECKPOINTS
+    if not (root / LATEST).is_file():
+        raise PrefixTuneError(f"--resume: no checkpoint in {root} (expected {root / LATEST})")
+    path = root / _read_json(root / LATEST)["checkpoint"]
+    saved = _read_json(path / "state.json")
+    changed = [k for k in RESUME_KEYS if saved["config"].get(k) != getattr(cfg, k)]
+    if changed:
+        diff = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise PrefixTuneError(f"--resume: settings differ from the checkpoint in {path} ({diff}); use the same ones")
+    if saved.get("processes", 1) != accelerator.num_processes:
+        raise PrefixTuneError(
+            f"--resume: the checkpoint was written by {saved.get('processes')} processes, "
+            f"this run has {accelerator.num_processes}"
+        )
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.load_tensors(serialization.read_tensors(path / "prefix"), source=str(path / "prefix"))
+    optimizer.load_state_dict(
+        _unflatten_optimizer(_read_safetensors(path / "optimizer.safetensors"), _read_json(path / "optimizer.json"))
+    )
+    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    rank = accelerator.process_index
+    _set_rng_state(_read_safetensors(path / f"rng-{rank}.safetensors"), _read_json(path / f"rng-{rank}.json"))
+    return TrainState(**saved["state"])
+
+
+# -------------------------------------------------------------------------------------- logging
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended and fsynced so a crash loses at most one line."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def restart(self, resume_step: int | None) -> None:
+        """A fresh run empties the log; a resumed one drops lines written after its checkpoint."""
+        if not self.enabled:
+            return
+        keep = [r for r in self.records() if resume_step is not None and r.get("step", 0) <= resume_step]
+        serialization.write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        return out
+
+
+def plot_curves(records: Sequence[dict], path: Path) -> None:
+    """Loss (train and eval) and eval metrics against steps, rendered in memory and written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "eval"]
+    names = sorted({k for r in evals for k in r if k not in ("split", "step", "epoch", "loss", "perplexity")})
+    fig, axes = plt.subplots(1, 2 if names else 1, figsize=(11 if names else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.8)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss")
+    ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    ax.legend()
+    if names:
+        ax = axes[0][1]
+        for name in names:
+            ax.plot([r["step"] for r in evals if name in r], [r[name] for r in evals if name in r], "o-", label=name)
+        ax.set(xlabel="step", title="evaluation metrics")
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    serialization.write_bytes(path, buffer.getvalue())
+
+
+def summary_table(rows: Sequence[tuple[str, Any]]) -> str:
+    """A two-column text table, for the end of a run."""
+    cells = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in rows]
+    width = max(len(k) for k, _ in cells)
+    vwidth = max(len(v) for _, v in cells)
+    line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
+    body = [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in cells]
+    return "\n".join([line, *body, line])
+
+
+# ------------------------------------------------------------------------------------------- loop
+def _evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], cfg: TrainConfig) -> dict[str, float]:
+    return tasks.evaluate(
+        model,
+        tokenizer,
+        rows,
+        max_length=cfg.max_length,
+        batch_size=cfg.eval_batch_size,
+        template=cfg.template,
+        max_target_length=cfg.max_target_length,
+        max_new_tokens=cfg.max_new_tokens,
+        with_generation=cfg.eval_generate,
+        bf16=cfg.bf16,
+    )
+
+
+def train(
+    model: Any,
+    tokenizer: Any,
+    train_rows: Sequence[dict],
+    eval_rows: Sequence[dict] | None = None,
+    config: TrainConfig | None = None,
+    info: dict | None = None,
+    stop_hook: Callable[[TrainState], bool] | None = None,
+) -> TrainResult:
+    """Train `model` (a PrefixModel) on rows `{"text", "label"|"target"}`; write everything to `output_dir`.
+
+    `info` is stored as prefixtune_train.json next to the prefix (base model name, label names),
+    so `evaluate`/`predict` can rebuild the model later. `stop_hook(state)` is called after every
+    optimizer step; returning True stops the run right there as if it had been killed (tests).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    cfg = config or TrainConfig()
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no")
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    if not cfg.resume and (out / CHECKPOINTS / LATEST).exists() and main:
+        print(f"note: {out} holds a checkpoint; starting over (pass --resume to continue it)", file=sys.stderr)
+
+    examples = tasks.encode(model, tokenizer, train_rows, cfg.max_length, cfg.template, cfg.max_target_length)
+    sampler = EpochSampler(len(examples), cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        examples,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id, "right"),
+        generator=torch.Generator().manual_seed(cfg.seed),  # never draw from the global RNG
+    )
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PrefixTuneError("the model has no trainable parameters (method 'text' trains nothing)")
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+    model.train()
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+
+    state = TrainState()
+    if cfg.resume:
+        state = load_checkpoint(out, accelerator, model, optimizer, scheduler, cfg)
+    log = MetricsLog(out / METRICS_LOG, main)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        log.restart(state.step if cfg.resume else None)
+        record = {"model": None, **(info or {}), "task": unwrapped.task, "template": cfg.template,
+                  "max_length": cfg.max_length, "max_target_length": cfg.max_target_length,
+                  "train_config": dataclasses.asdict(cfg)}  # fmt: skip
+        serialization.write_json(out / tasks.TRAIN_INFO, record)
+    metric = metric_name(cfg, unwrapped.task)
+    bar = tqdm(total=total, initial=state.step, disable=not (main and cfg.progress), desc="train", unit="step",
+               dynamic_ncols=True)  # fmt: skip
+    started, base_seconds = time.perf_counter(), state.seconds
+    last_eval: dict[str, float] = {}
+    stopped_early = interrupted = False
+    evaluated_at = -1
+    window: list[float] = []
+    micro_losses: list[float] = []
+
+    def run_eval() -> bool:
+        """Evaluate on the main process; keep the best prefix; say whether to stop early (all processes)."""
+        nonlocal last_eval, evaluated_at
+        stop, evaluated_at = False, state.step
+        if main and eval_rows:
+            last_eval = _evaluate(unwrapped, tokenizer, eval_rows, cfg)
+            if metric not in last_eval:
+                raise PrefixTuneError(f"metric {metric!r} is not computed; available: {', '.join(last_eval)}")
+            log.write({"split": "eval", "step": state.step, "epoch": round(state.epoch + frac(), 4), **last_eval})
+            if better(metric, last_eval[metric], state.best):
+                state.best, state.best_step, state.bad_evals = last_eval[metric], state.step, 0
+                unwrapped.save_pretrained(out)
+            else:
+                state.bad_evals += 1
+                stop = cfg.patience > 0 and state.bad_evals >= cfg.patience
+            plot_curves(log.records(), out / CURVES)
+            bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            stop = broadcast_object_list([stop])[0]
+        return stop
+
+    def frac() -> float:
+        return state.batch_in_epoch / max(len(loader), 1)
+
+    def checkpoint() -> None:
+        state.seconds = base_seconds + time.perf_counter() - started
+        save_checkpoint(out, accelerator, model, optimizer, scheduler, state, cfg)
+
+    out_of_time = False
+    while state.step < total and not (stopped_early or interrupted or out_of_time):
+        sampler.epoch = state.epoch
+        data = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in data:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state.batch_in_epoch += 1
+            micro_losses.append(float(loss.detach()))
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            window.append(sum(micro_losses) / len(micro_losses))
+            micro_losses.clear()
+            bar.update(1)
+            bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if state.step % cfg.log_every == 0 or state.step == total:
+                mean = sum(window) / len(window)
+                log.write({"split": "train", "step": state.step, "epoch": round(state.epoch + frac(), 4),
+                           "loss": mean, "lr": scheduler.get_last_lr()[0]})  # fmt: skip
+                window.clear()
+            evaluated = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
+            if evaluated:
+                stopped_early = run_eval()
+            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
+                evaluated and not cfg.checkpoint_every
+            ):
+                checkpoint()
+            if stop_hook is not None and stop_hook(state):
+                interrupted = True
+            if cfg.time_limit and time.perf_counter() - started > cfg.time_limit:
+                out_of_time = True
+            if stopped_early or interrupted or out_of_time or state.step >= total:
+                break
+        if state.batch_in_epoch >= len(loader) and not interrupted:  # the epoch is complete
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if cfg.eval_every == 0 and not stopped_early:
+                stopped_early = run_eval()
+                if not cfg.checkpoint_every:
+                    checkpoint()
+    bar.close()
+    state.seconds = base_seconds + time.perf_counter() - started
+    if interrupted:
+        return _result(cfg, state, metric, stopped_early, last_eval, unwrapped, frac())
+    if eval_rows and evaluated_at != state.step and not stopped_early:
+        stopped_early = run_eval()  # the final steps were never evaluated
+    if main:
+        if eval_rows and state.best_step is not None:
+            best = serialization.read_tensors(out)  # the best prefix, written at its evaluation
+            unwrapped.load_tensors(best, source=str(out))
+        else:
+            unwrapped.save_pretrained(out)
+        records = log.records()
+        if records:
+            plot_curves(records, out / CURVES)
+    accelerator.wait_for_everyone()
+    result = _result(cfg, state, metric, stopped_early, last_eval, unwrapped, frac())
+    result.out_of_time = out_of_time
+    if main and cfg.progress:
+        print(summary_table(result_rows(result)))
+    return result
+
+
+def _result(
+    cfg: TrainConfig, state: TrainState, metric: str, stopped: bool, last: dict, model: Any, frac: float
+) -> TrainResult:
+    return TrainResult(
+        output_dir=cfg.output_dir,
+        steps=state.step,
+        epochs_completed=round(state.epoch + frac, 4),
+        seconds=state.seconds,
+        best_metric=metric,
+        best_value=state.best,
+        best_step=state.best_step,
+        stopped_early=stopped,
+        last_eval=dict(last),
+        trainable=model.trainable_parameters(),
+    )
+
+
+def result_rows(result: TrainResult) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("steps", result.steps),
+        ("epochs", result.epochs_completed),
+        ("time (s)", round(result.seconds, 1)),
+        ("trainable params", f"{int(result.trainable['trainable']):,} ({result.trainable['percent']:.3f}%)"),
+    ]
+    if result.best_value is not None:
+        rows.append((f"best {result.best_metric}", result.best_value))
+        rows.append(("best step", result.best_step))
+    rows += [(f"last eval {k}", v) for k, v in result.last_eval.items()]
+    if result.stopped_early:
+        rows.append(("stopped early", "yes"))
+    if result.out_of_time:
+        rows.append(("stopped at time limit", "yes"))
+    rows.append(("saved to", result.output_dir))
+    return rows
