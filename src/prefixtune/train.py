@@ -446,7 +446,8 @@ def train(
     cfg = config or TrainConfig()
     cfg.validate()
     out = Path(cfg.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no")
+    # bf16 is our own autocast rather than Accelerate's mixed_precision, which is fixed once per process.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     if not cfg.resume and (out / CHECKPOINTS / LATEST).exists() and main:
@@ -531,7 +532,8 @@ def train(
         data = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for batch in data:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
