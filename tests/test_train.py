@@ -14,8 +14,10 @@ from prefixtune.errors import PrefixTuneError
 from prefixtune.train import OPTIMIZERS, TrainConfig, _flatten_optimizer, _unflatten_optimizer, train
 
 LM_ROWS = tinysaved.copy_rows(48)
-CLS_ROWS = [{"text": r["text"], "label": int(r["label"] == "pos") + (i % 3 == 0)} for i, r in enumerate(
-    tinysaved.sentiment_rows(40))]  # fmt: skip
+CLS_ROWS = [
+    {"text": r["text"], "label": int(r["label"] == "pos") + (i % 3 == 0)}
+    for i, r in enumerate(tinysaved.sentiment_rows(40))
+]
 
 
 def lm(seed: int = 0, **prefix):
@@ -132,8 +134,13 @@ def test_gradient_checkpointing_trains_to_the_same_prefix(tmp_path):
     results = []
     for flag in (False, True):
         model, tok = classifier()  # dropout is on while training: recomputation must replay it
-        train(model, tok, CLS_ROWS, None, cfg(tmp_path, f"gc{flag}", gradient_checkpointing=flag, max_steps=3,
-                                              optimizer="sgd", learning_rate=0.5))  # fmt: skip
+        train(
+            model,
+            tok,
+            CLS_ROWS,
+            None,
+            cfg(tmp_path, f"gc{flag}", gradient_checkpointing=flag, max_steps=3, optimizer="sgd", learning_rate=0.5),
+        )
         results.append(prefix_of(model))
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ def tokenizer(kind: str) -> PreTrainedTokenizerFast:
     if kind == "encoder":
         fast.cls_token, fast.sep_token = "[CLS]", "[SEP]"
     else:
-        fast.eos_token = "[SEP]"
+        fast.eos_token, fast.bos_token = "[SEP]", "[CLS]"
     return fast
 
 
@@ -43,6 +43,8 @@ def save(family: str, directory: Path, task: str | None = None) -> str:
     if kind == "seq2seq":
         ids.update(decoder_start_token_id=2)
     model = tiny.make(family, task=task, **ids)
+    if task == "classification":  # save the bare encoder, like MiniLM: loaders add a head of any size
+        model = getattr(model, model.base_model_prefix)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer(kind).save_pretrained(directory)

@@ -166,6 +166,16 @@ VERB_HELP = {
 }
 
 
+EXPECTED = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    "ints": "a list of integers",
+    "strs": "a list of strings",
+}
+
+
 def _coerce(option: Option, value: Any, source: str) -> Any:
     """Check a recipe/Python value against the option's type (YAML reads '1e-2' as a string)."""
     if value is None:
@@ -192,13 +202,11 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise TypeError
     except (TypeError, ValueError):
-        expected = {"ints": "a list of integers", "strs": "a list of strings"}.get(
-            kind, getattr(kind, "__name__", kind)
-        )
-        raise PrefixTuneError(f"{source}: option {option.name!r} must be {expected}, got {value!r}") from None
+        expected = EXPECTED.get(kind, str(kind))
+        raise PrefixTuneError(f"{source}option {option.name!r} must be {expected}, got {value!r}") from None
     if option.choices and value not in option.choices:
         raise PrefixTuneError(
-            f"{source}: option {option.name!r} must be one of {', '.join(option.choices)}, got {value!r}"
+            f"{source}option {option.name!r} must be one of {', '.join(option.choices)}, got {value!r}"
         )
     return value
 
@@ -215,7 +223,7 @@ def resolve_options(verb: str, given: dict[str, Any]) -> dict[str, Any]:
     merged = recipes.merge(recipe, given)
     out = {name: o.default for name, o in options.items()}
     for name, value in merged.items():
-        source = f"recipe {recipe_path}" if name in recipe and given.get(name) is None else "option"
+        source = f"recipe {recipe_path}: " if name in recipe and given.get(name) is None else ""
         out[name] = _coerce(options[name], value, source)
     return out
 
@@ -340,9 +348,16 @@ def train(**options: Any) -> TrainResult:
     test_rows = splits.get("test")
     if test_rows:
         metrics = tasks.evaluate(
-            model, tokenizer, test_rows, train_cfg.max_length, train_cfg.eval_batch_size, train_cfg.template,
-            train_cfg.max_target_length, train_cfg.max_new_tokens, bf16=train_cfg.bf16,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            test_rows,
+            train_cfg.max_length,
+            train_cfg.eval_batch_size,
+            train_cfg.template,
+            train_cfg.max_target_length,
+            train_cfg.max_new_tokens,
+            bf16=train_cfg.bf16,
+        )
         serialization.write_json(Path(train_cfg.output_dir) / "test_metrics.json", metrics)
         _print_table(list(metrics.items()), f"test ({len(test_rows)} rows)")
         result.last_eval = {f"test_{k}": v for k, v in metrics.items()} | result.last_eval
@@ -382,9 +397,16 @@ def evaluate(**options: Any) -> dict[str, float]:
     rows = splits[split]
     max_length = opts["max_length"] or info.get("max_length") or 512
     metrics = tasks.evaluate(
-        model, tokenizer, rows, max_length, opts["batch_size"], info.get("template", "{text}"),
-        info.get("max_target_length"), opts["max_new_tokens"], bf16=opts["bf16"],
-    )  # fmt: skip
+        model,
+        tokenizer,
+        rows,
+        max_length,
+        opts["batch_size"],
+        info.get("template", "{text}"),
+        info.get("max_target_length"),
+        opts["max_new_tokens"],
+        bf16=opts["bf16"],
+    )
     if opts["output"]:
         serialization.write_json(opts["output"], metrics)
     _print_table(list(metrics.items()), f"{split} ({len(rows)} rows)")
@@ -399,9 +421,14 @@ def predict(**options: Any) -> list[dict]:
     texts = tasks.read_texts(opts["input"], opts["text_column"])
     model, tokenizer, info = _load_saved(opts)
     records = tasks.predict(
-        model, tokenizer, texts, info.get("label_names"), opts["max_length"] or info.get("max_length") or 512,
-        opts["batch_size"], info.get("template", "{text}"),
-    )  # fmt: skip
+        model,
+        tokenizer,
+        texts,
+        info.get("label_names"),
+        opts["max_length"] or info.get("max_length") or 512,
+        opts["batch_size"],
+        info.get("template", "{text}"),
+    )
     tasks.write_records(records, opts["output"], opts["format"])
     return records
 
@@ -417,9 +444,15 @@ def generate(**options: Any) -> list[dict]:
     model, tokenizer, info = _load_saved(opts)
     gen = {k: opts[k] for k in ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p")}
     records = tasks.predict(
-        model, tokenizer, texts, None, opts["max_length"] or info.get("max_length") or 512, opts["batch_size"],
-        info.get("template", "{text}"), **gen,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        texts,
+        None,
+        opts["max_length"] or info.get("max_length") or 512,
+        opts["batch_size"],
+        info.get("template", "{text}"),
+        **gen,
+    )
     tasks.write_records(records, opts["output"], opts["format"])
     return records
 

@@ -165,8 +165,14 @@ def run_demo(
         log_every=5,
     )
     started = time.perf_counter()
-    result = train(prefix_model, tokenizer, train_rows, None, config, info={"model": "minilm",
-                   "label_names": ["negative", "positive"], "dataset": "rotten_tomatoes"})  # fmt: skip
+    result = train(
+        prefix_model,
+        tokenizer,
+        train_rows,
+        None,
+        config,
+        info={"model": "minilm", "label_names": ["negative", "positive"], "dataset": "rotten_tomatoes"},
+    )
     metrics = tasks.evaluate(prefix_model, tokenizer, test_rows, max_length=64, batch_size=128, bf16=bf16)
     prefix_seconds = time.perf_counter() - started
 

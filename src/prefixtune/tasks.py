@@ -272,8 +272,9 @@ def generate(
         raise PrefixTuneError(f"generate needs a causal_lm or seq2seq_lm prefix, this one is for {model.task}")
     rows = [{"text": t} for t in texts]
     causal = model.task == "causal_lm"
-    examples = encode(model, tokenizer, rows, max_length, template, with_targets=False,
-                      reserve=max_new_tokens if causal else 0)  # fmt: skip
+    examples = encode(
+        model, tokenizer, rows, max_length, template, with_targets=False, reserve=max_new_tokens if causal else 0
+    )
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample)
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
@@ -332,8 +333,9 @@ def predict(
     if not texts:
         raise PrefixTuneError("nothing to predict: the input holds no texts")
     if model.task != "classification":
-        outputs = generate(model, tokenizer, texts, max_length, batch_size=batch_size, template=template,
-                           **generate_options)  # fmt: skip
+        outputs = generate(
+            model, tokenizer, texts, max_length, batch_size=batch_size, template=template, **generate_options
+        )
         return [{"text": t, "output": o} for t, o in zip(texts, outputs, strict=True)]
     probs, _ = classify(model, tokenizer, [{"text": t} for t in texts], max_length, batch_size, template)
     names = list(label_names) if label_names else [str(i) for i in range(len(probs[0]))]

@@ -291,9 +291,12 @@ def save_checkpoint(
         serialization.write_json(path / "scheduler.json", scheduler.state_dict())
         serialization.write_json(
             path / "state.json",
-            {"state": dataclasses.asdict(state), "config": dataclasses.asdict(cfg),
-             "processes": accelerator.num_processes},
-        )  # fmt: skip
+            {
+                "state": dataclasses.asdict(state),
+                "config": dataclasses.asdict(cfg),
+                "processes": accelerator.num_processes,
+            },
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         serialization.write_json(root / LATEST, {"checkpoint": path.name, "step": state.step})
@@ -482,13 +485,25 @@ def train(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         log.restart(state.step if cfg.resume else None)
-        record = {"model": None, **(info or {}), "task": unwrapped.task, "template": cfg.template,
-                  "max_length": cfg.max_length, "max_target_length": cfg.max_target_length,
-                  "train_config": dataclasses.asdict(cfg)}  # fmt: skip
+        record = {
+            "model": None,
+            **(info or {}),
+            "task": unwrapped.task,
+            "template": cfg.template,
+            "max_length": cfg.max_length,
+            "max_target_length": cfg.max_target_length,
+            "train_config": dataclasses.asdict(cfg),
+        }
         serialization.write_json(out / tasks.TRAIN_INFO, record)
     metric = metric_name(cfg, unwrapped.task)
-    bar = tqdm(total=total, initial=state.step, disable=not (main and cfg.progress), desc="train", unit="step",
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        initial=state.step,
+        disable=not (main and cfg.progress),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     started, base_seconds = time.perf_counter(), state.seconds
     last_eval: dict[str, float] = {}
     stopped_early = interrupted = False
@@ -551,8 +566,15 @@ def train(
             bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if state.step % cfg.log_every == 0 or state.step == total:
                 mean = sum(window) / len(window)
-                log.write({"split": "train", "step": state.step, "epoch": round(state.epoch + frac(), 4),
-                           "loss": mean, "lr": scheduler.get_last_lr()[0]})  # fmt: skip
+                log.write(
+                    {
+                        "split": "train",
+                        "step": state.step,
+                        "epoch": round(state.epoch + frac(), 4),
+                        "loss": mean,
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                )
                 window.clear()
             evaluated = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
             if evaluated:
@@ -591,7 +613,7 @@ def train(
     accelerator.wait_for_everyone()
     result = _result(cfg, state, metric, stopped_early, last_eval, unwrapped, frac())
     result.out_of_time = out_of_time
-    if main and cfg.progress:
+    if main:
         print(summary_table(result_rows(result)))
     return result
 
