@@ -211,3 +211,18 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tmp
     result = train(model, tok, CLS_ROWS, CLS_ROWS[:10], config)
     assert result.stopped_early
     assert result.best_step == 2 and result.steps == 6  # evaluations at 2 (best), 4 and 6 (no better)
+
+
+def test_group_by_length_batches_are_homogeneous_and_a_permutation():
+    from prefixtune.train import EpochSampler
+
+    lengths = [(i * 7919) % 61 + 1 for i in range(1003)]
+    sampler = EpochSampler(len(lengths), seed=3, lengths=lengths, batch_size=8)
+    order = list(sampler)
+    assert sorted(order) == list(range(1003))
+    batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 5  # random batches of 8 from 1..61 spread about 45
+    assert list(sampler) == order  # same seed and epoch, same order
+    sampler.epoch = 1
+    assert list(sampler) != order

@@ -146,7 +146,7 @@ DEMO_OPTIONS = [
     Option("num_virtual_tokens", int, 16, _prefix_help("num_virtual_tokens")),
     Option("learning_rate", float, 3e-2, "Peak learning rate of the prefix (and of the head)."),
     Option("seed", int, 42, "Seed of the run."),
-    Option("threads", int, None, "CPU threads for torch (default: torch's choice)."),
+    Option("threads", int, None, "CPU threads for torch (default: the faster of 1 and all cores, measured)."),
 ]
 VERB_OPTIONS: dict[str, list[Option]] = {
     "train": [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS],

@@ -21,6 +21,7 @@ from prefixtune.errors import PrefixTuneError
 
 BUDGET_SECONDS = 180.0  # the issue's promise for 2 CPU cores
 RESERVE_SECONDS = 12.0  # saving, reloading and the example sentences
+MIN_TRAIN_SECONDS = 15.0
 SENTENCES = [
     "A gorgeous, witty and deeply moving film.",
     "The plot is a mess and the jokes fall flat.",
@@ -49,6 +50,27 @@ def _load_base(path: str) -> tuple[Any, Any]:
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
     model.config.id2label, model.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
     return model, tokenizer
+
+
+@torch.no_grad()
+def choose_threads(model: Any, tokenizer: Any, most: int) -> int:
+    """The faster of 1 and `most` torch threads, timed on a real forward pass.
+
+    On a machine where another process holds a core, torch's default of one thread per core
+    waits at every synchronisation point and runs several times slower than a single thread;
+    when the cores are free it is the other way round. A quarter-second measurement decides.
+    """
+    enc = tokenizer(SENTENCES * 8, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    timings = {}
+    for n in sorted({1, most}):
+        torch.set_num_threads(n)
+        model.bert(**enc)  # warm-up
+        start = time.perf_counter()
+        model.bert(**enc)
+        timings[n] = time.perf_counter() - start
+    best = min(timings, key=timings.__getitem__)
+    torch.set_num_threads(best)
+    return best
 
 
 @torch.no_grad()
@@ -124,8 +146,7 @@ def run_demo(
     from prefixtune.train import TrainConfig, summary_table, train
 
     wall = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
+    cores = threads or torch.get_num_threads()
     if train_samples < 32:
         raise PrefixTuneError(f"train_samples must be at least 32, got {train_samples}")
     bf16 = _fast_bf16()
@@ -137,9 +158,13 @@ def run_demo(
     test_rows = list(data["test"])
     path = minilm_path()
     model, tokenizer = _load_base(path)
+    if not threads:
+        choose_threads(model, tokenizer, cores)
+    else:
+        torch.set_num_threads(threads)
     print(
         f"data: {len(train_rows)} training snippets, {len(test_rows)} test snippets (test movies never seen); "
-        f"bf16 autocast: {'on' if bf16 else 'off'}; torch threads: {torch.get_num_threads()}"
+        f"bf16 autocast: {'on' if bf16 else 'off'}; torch threads: {torch.get_num_threads()} of {cores}"
     )
 
     print("\n[1/3] head-only baseline: frozen encoder, trained classifier head")
@@ -149,8 +174,11 @@ def run_demo(
     print(f"\n[2/3] prefix tuning: {num_virtual_tokens} virtual tokens in all 6 layers + the classifier head")
     eval_estimate = baseline["seconds"] * len(test_rows) / (len(train_rows) + len(test_rows))
     remaining = budget - (time.perf_counter() - wall) - 2 * eval_estimate - RESERVE_SECONDS
-    if remaining < 20:
-        raise PrefixTuneError(f"the machine is too slow or busy: only {remaining:.0f} s are left for training")
+    if remaining < MIN_TRAIN_SECONDS:
+        print(f"note: the machine is busy; training for {MIN_TRAIN_SECONDS:.0f} s anyway", file=sys.stderr)
+        remaining = MIN_TRAIN_SECONDS
+    if not threads:
+        choose_threads(model, tokenizer, cores)  # the load may have changed during the baseline
     prefix_model = attach(model, num_virtual_tokens=num_virtual_tokens, seed=seed)
     config = TrainConfig(
         output_dir=output_dir,
@@ -159,6 +187,7 @@ def run_demo(
         learning_rate=learning_rate,
         warmup_ratio=0.06,
         bf16=bf16,
+        group_by_length=True,
         seed=seed,
         max_length=64,
         time_limit=remaining,

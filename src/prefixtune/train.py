@@ -68,6 +68,9 @@ class TrainConfig:
     warmup_ratio: float = _opt("Fraction of the steps spent warming the learning rate up from 0.", 0.06)
     weight_decay: float = _opt("Decoupled weight decay (adamw, adafactor) or L2 (others).", 0.0)
     max_grad_norm: float | None = _opt("Clip the gradient norm to this value; None turns clipping off.", 1.0)
+    group_by_length: bool = _opt(
+        "Batch texts of similar length together (less padding, faster on CPU); the order stays seeded.", False
+    )
     grad_accum: int = _opt("Micro-batches summed before each optimizer step (effective batch = this x batch).", 1)
     bf16: bool = _opt("Run forward passes under bfloat16 autocast (the prefix itself stays float32).", False)
     gradient_checkpointing: bool = _opt("Recompute activations in the backward pass: less memory, ~30% slower.", False)
@@ -157,19 +160,34 @@ class TrainResult:
 class EpochSampler(torch.utils.data.Sampler):
     """A permutation fixed by (seed, epoch), so the data order of any epoch can be rebuilt on resume.
 
+    With `lengths` and `batch_size` it groups examples of similar length into the same batch
+    (shuffled windows of 50 batches, sorted inside, batches shuffled again), which on CPU cuts
+    the compute spent on padding roughly in half for short texts.
     It deliberately has no `set_epoch`: Accelerate would reset it to its own iteration counter,
     which starts from zero again after a resume.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
+        self.lengths, self.batch_size = lengths, batch_size
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=gen).tolist())
+        order = torch.randperm(self.size, generator=gen).tolist()
+        if self.lengths is None:
+            return iter(order)
+        window = self.batch_size * 50
+        batches = []
+        for start in range(0, self.size, window):
+            chunk = sorted(order[start : start + window], key=lambda i: -self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=gen).tolist()]
+        shuffled += [b for b in batches if len(b) < self.batch_size]  # the one short batch stays last
+        return iter([i for batch in shuffled for i in batch])
 
 
 # ---------------------------------------------------------------------------------- building blocks
@@ -457,7 +475,8 @@ def train(
         print(f"note: {out} holds a checkpoint; starting over (pass --resume to continue it)", file=sys.stderr)
 
     examples = tasks.encode(model, tokenizer, train_rows, cfg.max_length, cfg.template, cfg.max_target_length)
-    sampler = EpochSampler(len(examples), cfg.seed)
+    lengths = [len(e["input_ids"]) for e in examples] if cfg.group_by_length else None
+    sampler = EpochSampler(len(examples), cfg.seed, lengths, cfg.batch_size)
     loader = torch.utils.data.DataLoader(
         examples,
         batch_size=cfg.batch_size,
