@@ -105,8 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
     train_times = round_robin(train, repeats)
     gen_times = round_robin(gen, repeats)
     result = {
-        "setup": {"batch": batch_size, "seq": seq, "prefix": prefix, "gen_batch": gen_batch, "new_tokens": new,
-                  "repeats": repeats, "threads": torch.get_num_threads()},
+        "setup": {
+            "batch": batch_size,
+            "seq": seq,
+            "prefix": prefix,
+            "gen_batch": gen_batch,
+            "new_tokens": new,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+        },
         "train_step_s": {k: statistics.median(v) for k, v in train_times.items()},
         "generate_tok_s": {k: gen_batch * new / statistics.median(v) for k, v in gen_times.items()},
     }

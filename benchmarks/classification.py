@@ -1,0 +1,171 @@
+"""Classification quality: every prefix method against head-only and full fine-tuning.
+
+MiniLM (all-MiniLM-L6-v2, frozen) on Rotten Tomatoes, split by movie. Learning rates are chosen on
+the validation split only (200 examples, seed 0, a two-point grid per row); the test split is
+scored once per run. Then each row trains on `--train-size` examples, and again on 200 examples
+with 3 seeds (mean ± std).
+
+    python -m benchmarks.classification [--quick]       # the whole group
+    python -m benchmarks.classification --row prefix --lr 0.03 --train-size 200 --seed 1 --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+
+from benchmarks.common import RESULTS, Finetune, emit, run_row
+
+SEED_TEXT = "This is a positive sentiment sentence."  # the seed article's own discrete prefix
+ROWS = {  # name: (label, learning-rate grid)
+    "text+head": ("discrete text prefix + head", [1e-2, 3e-3]),
+    "head": ("head only", [1e-2, 3e-3]),
+    "prompt": ("prompt tuning", [3e-2, 1e-2]),
+    "prefix": ("prefix tuning, direct", [3e-2, 1e-2]),
+    "prefix-mlp": ("prefix tuning, MLP", [3e-3, 1e-3]),
+    "prefix-text": ("prefix tuning, init from text", [3e-2, 1e-2]),
+    "full": ("full fine-tuning", [5e-5, 2e-5]),
+}
+
+
+def build(row: str, seed: int):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    from prefixtune import attach
+    from prefixtune.assets import minilm_path
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    options = {"num_virtual_tokens": 16, "seed": seed}
+    if row == "head":
+        return Finetune(base, "classification", "head"), tokenizer
+    if row == "full":
+        return Finetune(base, "classification", "all"), tokenizer
+    if row == "text+head":
+        return attach(base, tokenizer=tokenizer, method="text", text=SEED_TEXT), tokenizer
+    if row == "prompt":
+        return attach(base, method="prompt", **options), tokenizer
+    if row == "prefix-mlp":
+        return attach(base, method="prefix", reparam="mlp", **options), tokenizer
+    if row == "prefix-text":
+        return attach(base, tokenizer=tokenizer, method="prefix", text=SEED_TEXT, init="text", **options), tokenizer
+    return attach(base, method="prefix", **options), tokenizer
+
+
+def run_one(args: argparse.Namespace) -> None:
+    from prefixtune import tasks
+    from prefixtune.assets import load_builtin_dataset
+    from prefixtune.train import TrainConfig, train
+
+    data = load_builtin_dataset("rotten_tomatoes", seed=0)
+    rows = list(data["train"])
+    random.Random(args.seed).shuffle(rows)
+    rows = rows[: args.train_size]
+    scored = list(data["validation"])[: args.eval_size] if args.split == "validation" else list(data["test"])
+    model, tokenizer = build(args.row, args.seed)
+    small = args.train_size <= 500
+    config = TrainConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-cls-"),
+        epochs=args.epochs or (10 if small else 1),
+        batch_size=16 if small else 32,
+        learning_rate=args.lr,
+        seed=args.seed,
+        max_length=64,
+        group_by_length=True,
+        progress=False,
+        log_every=1000,
+    )
+    start = time.perf_counter()
+    train(model, tokenizer, rows, None, config)
+    train_s = time.perf_counter() - start
+    metrics = tasks.evaluate(model, tokenizer, scored, max_length=64, batch_size=128)
+    params = model.trainable_parameters()
+    emit({"row": args.row, "lr": args.lr, "seed": args.seed, "train_size": len(rows), "split": args.split,
+          "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "trainable": params["trainable"],
+          "percent": params["percent"], "train_s": train_s})  # fmt: skip
+
+
+def run_group(quick: bool, train_size: int) -> dict:
+    """Pick each row's learning rate on validation, then score test at full size and at 200 × 3 seeds."""
+    rows = {k: v for k, v in ROWS.items() if not quick or k in ("head", "prefix")}
+    low, seeds = (64, [0]) if quick else (200, [0, 1, 2])
+    size = 256 if quick else train_size
+    common = ["--eval-size", "100" if quick else "600"] + (["--epochs", "1"] if quick else [])
+    results: dict = {"rows": {}, "train_size": size, "low_data_size": low, "seeds": seeds}
+    for name, (label, grid) in rows.items():
+        tried = []
+        for lr in grid[:1] if quick else grid:
+            r = run_row(
+                "benchmarks.classification",
+                ["--row", name, "--lr", str(lr), "--train-size", str(low), "--split", "validation", *common],
+            )
+            tried.append(r)
+            print(f"  [{name}] lr {lr}: validation accuracy {r['accuracy']:.4f}", flush=True)
+        best = max(tried, key=lambda r: r["accuracy"])
+        full = run_row(
+            "benchmarks.classification",
+            ["--row", name, "--lr", str(best["lr"]), "--train-size", str(size), "--split", "test", *common],
+        )
+        few = [
+            run_row(
+                "benchmarks.classification",
+                [
+                    "--row",
+                    name,
+                    "--lr",
+                    str(best["lr"]),
+                    "--train-size",
+                    str(low),
+                    "--seed",
+                    str(s),
+                    "--split",
+                    "test",
+                    *common,
+                ],
+            )
+            for s in seeds
+        ]
+        accs = [r["accuracy"] for r in few]
+        results["rows"][name] = {
+            "label": label, "lr": best["lr"], "validation": {str(r["lr"]): r["accuracy"] for r in tried},
+            "full": full, "few": few, "few_mean": statistics.mean(accs),
+            "few_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        }  # fmt: skip
+        print(
+            f"  [{name}] test accuracy {full['accuracy']:.4f}; 200-example mean {statistics.mean(accs):.4f}", flush=True
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two rows, tiny sizes: a smoke test")
+    parser.add_argument("--row", choices=sorted(ROWS), help="run one row in this process and print its JSON")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--train-size", type=int, default=4000)
+    parser.add_argument("--eval-size", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=["validation", "test"], default="test")
+    args = parser.parse_args(argv)
+    if args.row:
+        run_one(args)
+        return None
+    results = run_group(args.quick, args.train_size)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / ("classification-quick.json" if args.quick else "classification.json")).write_text(
+        json.dumps(results, indent=2)
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()
