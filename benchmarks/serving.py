@@ -1,0 +1,186 @@
+"""Serving many prefixes on SmolLM2-135M: mixed-prefix generation, and the HTTP server under load.
+
+(a) Generation, variants run round-robin in one process so load drift hits all alike:
+    - one mixed batch of 8 rows with 8 different prefixes,
+    - the same batch with one prefix for every row (target: mixed >= 0.95 x its throughput),
+    - 8 sequential single-row batches, one per prefix (target: mixed >= 3 x faster).
+(b) The live server (`prefixtune.server`, 4 prefixes + the base model, greedy completions through
+    the official openai client): requests/s and p50/p95 latency at 1, 4 and 16 concurrent clients.
+
+    python -m benchmarks.serving [--quick] [--out benchmarks/results/serving.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from benchmarks.speed import round_robin
+from prefixtune import attach
+from prefixtune.assets import smollm2_path
+from prefixtune.collection import PrefixCollection
+from prefixtune.server import create_app, running
+
+ROWS = 8
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea:",
+    "List three uses of a paperclip:",
+    "Once upon a time, in a small village,",
+    "The main benefit of unit tests is",
+    "Translate to French: good morning",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: a value that was really observed."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def generation(path: str, new_tokens: int, prefix_len: int, repeats: int) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    bank = PrefixCollection(model)
+    names = [f"p{i}" for i in range(ROWS)]
+    for i, name in enumerate(names):
+        bank.add(name, attach(model, num_virtual_tokens=prefix_len, init="random", seed=i))
+    torch.manual_seed(0)
+    ids = torch.randint(100, 40000, (ROWS, 16))
+    mask = torch.ones_like(ids)
+    opts = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+
+    def mixed() -> None:
+        bank.generate(names, input_ids=ids, attention_mask=mask, **opts)
+
+    def single() -> None:
+        bank.generate([names[0]] * ROWS, input_ids=ids, attention_mask=mask, **opts)
+
+    def sequential() -> None:
+        for r, name in enumerate(names):
+            bank.generate([name], input_ids=ids[r : r + 1], attention_mask=mask[r : r + 1], **opts)
+
+    times = round_robin({"mixed, 8 prefixes": mixed, "one prefix": single, "8 sequential rows": sequential}, repeats)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "tokens_per_s": {k: ROWS * new_tokens / t for k, t in median.items()},
+        "mixed_vs_single_throughput": median["one prefix"] / median["mixed, 8 prefixes"],
+        "mixed_speedup_vs_sequential": median["8 sequential rows"] / median["mixed, 8 prefixes"],
+    }
+
+
+def server_load(path: str, max_tokens: int, prefix_len: int, requests: dict[int, int]) -> dict:
+    import httpx
+    import openai
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        models = ["smollm2"]
+        for i in range(4):
+            name = f"prefix{i}"
+            attach(model, num_virtual_tokens=prefix_len, init="random", seed=i).save_pretrained(Path(tmp) / name)
+            models.append(name)
+        del model
+        app = create_app(
+            path,
+            tmp,
+            served_model_name="smollm2",
+            max_batch_size=16,
+            max_wait_ms=10,
+            max_tokens_limit=max_tokens,
+            reload_interval_s=None,
+        )
+        results = {}
+        with running(app, log_level="warning") as url:
+            client = openai.OpenAI(
+                base_url=f"{url}/v1",
+                api_key="unused",
+                max_retries=0,
+                timeout=600,
+                http_client=httpx.Client(limits=httpx.Limits(keepalive_expiry=1)),
+            )
+
+            def one(i: int) -> float:
+                start = time.perf_counter()
+                out = client.completions.create(
+                    model=models[i % len(models)],
+                    prompt=PROMPTS[i % len(PROMPTS)],
+                    max_tokens=max_tokens,
+                    temperature=0,
+                )
+                assert out.choices[0].finish_reason in ("stop", "length")
+                return time.perf_counter() - start
+
+            one(0)  # warm-up
+            for clients, count in requests.items():
+                start = time.perf_counter()
+                with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                    latencies = list(pool.map(one, range(count)))
+                wall = time.perf_counter() - start
+                results[str(clients)] = {
+                    "requests": count,
+                    "requests_per_s": count / wall,
+                    "p50_s": percentile(latencies, 50),
+                    "p95_s": percentile(latencies, 95),
+                }
+    return results
+
+
+def table(result: dict) -> str:
+    gen, srv = result["generation"], result["server"]
+    lines = ["| generation (8 rows) | tokens/s |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in gen["tokens_per_s"].items()]
+    lines += [
+        f"| mixed / one-prefix throughput | {gen['mixed_vs_single_throughput']:.2f} x (target >= 0.95) |",
+        f"| mixed vs sequential | {gen['mixed_speedup_vs_sequential']:.2f} x faster (target >= 3) |",
+        "",
+        "| concurrent clients | requests | requests/s | p50 latency (s) | p95 latency (s) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {c} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} |"
+        for c, r in srv.items()
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test of the script")
+    parser.add_argument("--out", default="benchmarks/results/serving.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = smollm2_path()
+    new_tokens, repeats, prefix_len = (4, 1, 16) if args.quick else (32, 5, 16)
+    requests = {1: 2, 4: 4, 16: 16} if args.quick else {1: 32, 4: 64, 16: 128}
+    result = {
+        "setup": {
+            "model": "SmolLM2-135M-Instruct",
+            "rows": ROWS,
+            "prefix_len": prefix_len,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "quick": args.quick,
+        },
+        "generation": generation(path, new_tokens, prefix_len, repeats),
+        "server": server_load(path, new_tokens, prefix_len, requests),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
