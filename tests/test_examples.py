@@ -42,3 +42,22 @@ def test_recipes_are_valid_train_options(name):
     assert opts["model"] in ("minilm", "smollm2") and opts["dataset"]
     cli.TrainConfig(**{k: opts[k] for k in cli.TrainConfig.fields_help()})  # every value passes validation
     cli._prefix_config(opts, opts["seed"])
+
+
+def test_demo_runs_end_to_end_on_a_small_sample(tmp_path, capsys):
+    """The README's main command, shrunk: real MiniLM and Rotten Tomatoes, 64 snippets each way."""
+    import torch
+
+    from prefixtune.demo import SENTENCES, run_demo
+
+    threads = torch.get_num_threads()
+    try:
+        result = run_demo(output_dir=str(tmp_path / "demo"), train_samples=64, test_samples=64, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "head only: test accuracy" in out and "prefix tuning: test accuracy" in out
+    assert 0 <= result["prefix_accuracy"] <= 1 and 0 <= result["head_only_accuracy"] <= 1
+    assert [r["text"] for r in result["predictions"]] == SENTENCES
+    assert {r["label"] for r in result["predictions"]} <= {"negative", "positive"}
+    assert serialization.read_config(tmp_path / "demo")["task"] == "classification"

@@ -19,9 +19,10 @@ import torch
 
 from prefixtune.errors import PrefixTuneError
 
-BUDGET_SECONDS = 180.0  # the issue's promise for 2 CPU cores
-RESERVE_SECONDS = 12.0  # saving, reloading and the example sentences
+BUDGET_SECONDS = 172.0  # the issue's 3 minutes on 2 CPU cores, less ~8 s of interpreter and import start-up
+RESERVE_SECONDS = 8.0  # saving, reloading and the example sentences
 MIN_TRAIN_SECONDS = 15.0
+BASELINE_SHARE = 0.25  # at most this part of the remaining time goes to the head-only baseline
 SENTENCES = [
     "A gorgeous, witty and deeply moving film.",
     "The plot is a mess and the jokes fall flat.",
@@ -52,58 +53,105 @@ def _load_base(path: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-@torch.no_grad()
-def choose_threads(model: Any, tokenizer: Any, most: int) -> int:
-    """The faster of 1 and `most` torch threads, timed on a real forward pass.
+class ThreadTuner:
+    """Keeps torch on the faster of 1 and `most` threads, re-measured every `every` calls.
 
     On a machine where another process holds a core, torch's default of one thread per core
     waits at every synchronisation point and runs several times slower than a single thread;
-    when the cores are free it is the other way round. A quarter-second measurement decides.
+    when the cores are free it is the other way round. Load changes while the demo runs, so a
+    quarter-second measurement on a real forward pass is repeated now and then.
     """
-    enc = tokenizer(SENTENCES * 8, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
-    timings = {}
-    for n in sorted({1, most}):
-        torch.set_num_threads(n)
-        model.bert(**enc)  # warm-up
-        start = time.perf_counter()
-        model.bert(**enc)
-        timings[n] = time.perf_counter() - start
-    best = min(timings, key=timings.__getitem__)
-    torch.set_num_threads(best)
-    return best
+
+    def __init__(self, model: Any, tokenizer: Any, most: int, every: int = 25, fixed: bool = False) -> None:
+        self.model, self.most, self.every, self.fixed, self.calls = model, most, every, fixed, 0
+        self.probe = tokenizer(SENTENCES * 8, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+        torch.set_num_threads(most)
+
+    @torch.no_grad()
+    def retune(self) -> int:
+        if self.fixed or self.most == 1:
+            return torch.get_num_threads()
+        was_training = self.model.training
+        self.model.eval()
+        timings = {}
+        for n in (1, self.most):
+            torch.set_num_threads(n)
+            self.model.bert(**self.probe)  # warm-up
+            start = time.perf_counter()
+            self.model.bert(**self.probe)
+            timings[n] = time.perf_counter() - start
+        self.model.train(was_training)
+        best = min(timings, key=timings.__getitem__)
+        torch.set_num_threads(best)
+        return best
+
+    def tick(self, *_: Any) -> bool:
+        """Call once per unit of work; re-measures every `every` calls. Returns False (a stop_hook)."""
+        self.calls += 1
+        if self.calls % self.every == 0:
+            self.retune()
+        return False
 
 
 @torch.no_grad()
-def _pooled(model: Any, tokenizer: Any, texts: list[str], max_length: int, bf16: bool) -> torch.Tensor:
-    """The frozen encoder's pooled [CLS] features, i.e. exactly what the classifier head sees."""
+def _pooled(
+    model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    bf16: bool,
+    tuner: ThreadTuner | None = None,
+    deadline: float | None = None,
+) -> torch.Tensor:
+    """The frozen encoder's pooled [CLS] features, i.e. exactly what the classifier head sees.
+
+    Texts go in chunks of 1024 (sorted by length inside, for little padding); past `deadline`
+    no new chunk starts, and the features of the first chunks are returned.
+    """
     model.eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     feats = torch.empty(len(texts), model.config.hidden_size)
-    for start in range(0, len(order), 128):
-        idx = order[start : start + 128]
-        enc = tokenizer(
-            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            feats[idx] = model.bert(**enc).pooler_output.float()
-    return feats
+    done = 0
+    for chunk in range(0, len(texts), 1024):
+        if deadline is not None and done and time.perf_counter() > deadline:
+            break
+        order = sorted(range(chunk, min(chunk + 1024, len(texts))), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), 128):
+            idx = order[start : start + 128]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                feats[idx] = model.bert(**enc).pooler_output.float()
+            if tuner is not None:
+                tuner.tick()
+        done = min(chunk + 1024, len(texts))
+    return feats[:done]
 
 
 def head_only_baseline(
-    model: Any, tokenizer: Any, train_rows: list[dict], test_rows: list[dict], lr: float, seed: int, bf16: bool
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict],
+    test_rows: list[dict],
+    lr: float,
+    seed: int,
+    bf16: bool,
+    tuner: ThreadTuner | None = None,
+    seconds: float | None = None,
 ) -> dict[str, float]:
     """Frozen encoder + trained classifier head, trained with the same optimizer family.
 
     The encoder is frozen, so its features are computed once and the head trains on them for many
-    epochs: the baseline gets its best shot for the cost of one forward pass over the data.
+    epochs: the baseline gets its best shot for the cost of one forward pass over the data. With
+    `seconds`, featurising the training rows stops after about that long (on a busy machine) and
+    the head trains on the rows done so far.
     """
     from transformers import get_scheduler
 
     from prefixtune.metrics import classification_metrics
 
     start = time.perf_counter()
-    x_train = _pooled(model, tokenizer, [r["text"] for r in train_rows], 64, bf16)
-    x_test = _pooled(model, tokenizer, [r["text"] for r in test_rows], 64, bf16)
+    x_test = _pooled(model, tokenizer, [r["text"] for r in test_rows], bf16, tuner)
+    deadline = start + seconds if seconds else None
+    x_train = _pooled(model, tokenizer, [r["text"] for r in train_rows], bf16, tuner, deadline)
+    train_rows = train_rows[: len(x_train)]
     y_train = torch.tensor([r["label"] for r in train_rows])
     head = torch.nn.Linear(x_train.shape[1], 2)
     gen = torch.Generator().manual_seed(seed)
@@ -126,18 +174,20 @@ def head_only_baseline(
     metrics = classification_metrics(preds, [r["label"] for r in test_rows])
     metrics["seconds"] = time.perf_counter() - start
     metrics["trainable"] = sum(p.numel() for p in head.parameters())
+    metrics["train_rows"] = len(train_rows)
     return metrics
 
 
 def run_demo(
     output_dir: str = "prefixtune-demo",
-    train_samples: int = 4000,
+    train_samples: int | None = None,
     epochs: int = 1,
     num_virtual_tokens: int = 16,
-    learning_rate: float = 3e-2,
+    learning_rate: float = 5e-2,
     seed: int = 42,
     threads: int | None = None,
     budget: float = BUDGET_SECONDS,
+    test_samples: int | None = None,
 ) -> dict[str, Any]:
     """Train, compare, save, reload, classify; print everything and return the numbers."""
     from prefixtune import tasks
@@ -147,38 +197,40 @@ def run_demo(
 
     wall = time.perf_counter()
     cores = threads or torch.get_num_threads()
-    if train_samples < 32:
+    if train_samples is not None and train_samples < 32:
         raise PrefixTuneError(f"train_samples must be at least 32, got {train_samples}")
     bf16 = _fast_bf16()
     print("prefixtune demo: sentiment prefix on MiniLM (all-MiniLM-L6-v2, frozen) with Rotten Tomatoes snippets")
     data = load_builtin_dataset("rotten_tomatoes", seed=0)
     train_rows = list(data["train"])
     random.Random(seed).shuffle(train_rows)
-    train_rows = train_rows[:train_samples]
-    test_rows = list(data["test"])
+    train_rows = train_rows[:train_samples] if train_samples else train_rows
+    test_rows = list(data["test"])[:test_samples] if test_samples else list(data["test"])
     path = minilm_path()
     model, tokenizer = _load_base(path)
-    if not threads:
-        choose_threads(model, tokenizer, cores)
-    else:
-        torch.set_num_threads(threads)
+    tuner = ThreadTuner(model, tokenizer, cores, fixed=bool(threads))
+    tuner.retune()
     print(
         f"data: {len(train_rows)} training snippets, {len(test_rows)} test snippets (test movies never seen); "
         f"bf16 autocast: {'on' if bf16 else 'off'}; torch threads: {torch.get_num_threads()} of {cores}"
     )
 
     print("\n[1/3] head-only baseline: frozen encoder, trained classifier head")
-    baseline = head_only_baseline(model, tokenizer, train_rows, test_rows, 1e-2, seed, bf16)
+    tuner.every = 4  # feature batches of 128
+    share = BASELINE_SHARE * (budget - (time.perf_counter() - wall))
+    baseline = head_only_baseline(model, tokenizer, train_rows, test_rows, 1e-2, seed, bf16, tuner, share)
     print(f"      test accuracy {baseline['accuracy']:.4f} in {baseline['seconds']:.0f} s")
+    if baseline["train_rows"] < len(train_rows):
+        print(f"      (busy machine: the head trained on the first {baseline['train_rows']} snippets)")
 
     print(f"\n[2/3] prefix tuning: {num_virtual_tokens} virtual tokens in all 6 layers + the classifier head")
-    eval_estimate = baseline["seconds"] * len(test_rows) / (len(train_rows) + len(test_rows))
-    remaining = budget - (time.perf_counter() - wall) - 2 * eval_estimate - RESERVE_SECONDS
+    eval_estimate = baseline["seconds"] * len(test_rows) / (baseline["train_rows"] + len(test_rows))
+    remaining = budget - (time.perf_counter() - wall) - 1.5 * eval_estimate - RESERVE_SECONDS
     if remaining < MIN_TRAIN_SECONDS:
         print(f"note: the machine is busy; training for {MIN_TRAIN_SECONDS:.0f} s anyway", file=sys.stderr)
         remaining = MIN_TRAIN_SECONDS
-    if not threads:
-        choose_threads(model, tokenizer, cores)  # the load may have changed during the baseline
+    tuner.retune()  # the load may have changed during the baseline
+    tuner.every = 25  # optimizer steps
     prefix_model = attach(model, num_virtual_tokens=num_virtual_tokens, seed=seed)
     config = TrainConfig(
         output_dir=output_dir,
@@ -201,6 +253,7 @@ def run_demo(
         None,
         config,
         info={"model": "minilm", "label_names": ["negative", "positive"], "dataset": "rotten_tomatoes"},
+        stop_hook=tuner.tick,
     )
     metrics = tasks.evaluate(prefix_model, tokenizer, test_rows, max_length=64, batch_size=128, bf16=bf16)
     prefix_seconds = time.perf_counter() - started
