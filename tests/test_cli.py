@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -270,3 +271,36 @@ def test_console_script_exit_code_and_single_line():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: prefix folder '/nonexistent/prefix' does not exist"]
+
+
+def test_two_processes_share_the_data_and_write_once(assets, tmp_path):
+    """The same `train` under torchrun with 2 gloo CPU ranks: half the steps each, one set of files."""
+    out = tmp_path / "ddp"
+    argv = [
+        "train",
+        "--model",
+        assets["bert"],
+        "--train-file",
+        assets["train"],
+        "--validation-file",
+        assets["val"],
+        "--output-dir",
+        str(out),
+        "--checkpoint-every",
+        "2",
+        *FAST,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "prefixtune.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best accuracy") == 1  # only the main process reports
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 6  # 48 rows / batch 8 / 2 processes x 2 epochs
+    checkpoint = next((out / "checkpoints").glob("step-*"))
+    assert {p.name for p in checkpoint.glob("rng-*.safetensors")} == {"rng-0.safetensors", "rng-1.safetensors"}

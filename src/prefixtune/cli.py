@@ -346,7 +346,7 @@ def train(**options: Any) -> TrainResult:
     info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"]}
     result = train_with_model(model, tokenizer, splits["train"], eval_rows, train_cfg, info)
     test_rows = splits.get("test")
-    if test_rows:
+    if test_rows and _is_main_process():  # under `accelerate launch` the other processes are done
         metrics = tasks.evaluate(
             model,
             tokenizer,
@@ -362,6 +362,12 @@ def train(**options: Any) -> TrainResult:
         _print_table(list(metrics.items()), f"test ({len(test_rows)} rows)")
         result.last_eval = {f"test_{k}": v for k, v in metrics.items()} | result.last_eval
     return result
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def train_with_model(model: Any, tokenizer: Any, train_rows: list, eval_rows: Any, cfg: TrainConfig, info: dict) -> Any:

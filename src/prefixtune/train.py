@@ -484,17 +484,18 @@ def train(
         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id, "right"),
         generator=torch.Generator().manual_seed(cfg.seed),  # never draw from the global RNG
     )
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise PrefixTuneError("the model has no trainable parameters (method 'text' trains nothing)")
     optimizer = build_optimizer(params, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total)
     model.train()
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)  # this process's share of the data
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    # Accelerate steps a prepared scheduler once per process for every optimizer step.
+    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total * accelerator.num_processes))
     unwrapped = accelerator.unwrap_model(model)
 
     state = TrainState()
