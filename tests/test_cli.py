@@ -44,24 +44,16 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 FAST = ("--epochs", "2", "--batch-size", "8", "--num-virtual-tokens", "3", "--no-progress", "--max-length", "32")
 
 
+def classifier_argv(assets, out) -> list[str]:
+    """`train` on the tiny BERT with the sentiment toy data."""
+    files = ["--train-file", assets["train"], "--validation-file", assets["val"]]
+    return ["train", "--model", assets["bert"], *files, "--output-dir", str(out), *FAST]
+
+
 # ------------------------------------------------------------------------------------ happy paths
 def test_train_evaluate_predict_info(assets, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cls"
-    code, stdout, err = run(
-        capsys,
-        "train",
-        "--model",
-        assets["bert"],
-        "--train-file",
-        assets["train"],
-        "--validation-file",
-        assets["val"],
-        "--test-file",
-        assets["val"],
-        "--output-dir",
-        out,
-        *FAST,
-    )
+    code, stdout, err = run(capsys, *classifier_argv(assets, out), "--test-file", assets["val"])
     assert code == 0, err
     assert "best accuracy" in stdout and "test (12 rows)" in stdout
     for name in (
@@ -276,20 +268,7 @@ def test_console_script_exit_code_and_single_line():
 def test_two_processes_share_the_data_and_write_once(assets, tmp_path):
     """The same `train` under torchrun with 2 gloo CPU ranks: half the steps each, one set of files."""
     out = tmp_path / "ddp"
-    argv = [
-        "train",
-        "--model",
-        assets["bert"],
-        "--train-file",
-        assets["train"],
-        "--validation-file",
-        assets["val"],
-        "--output-dir",
-        str(out),
-        "--checkpoint-every",
-        "2",
-        *FAST,
-    ]
+    argv = [*classifier_argv(assets, out), "--checkpoint-every", "2"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "prefixtune.cli", *argv],
