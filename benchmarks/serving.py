@@ -4,7 +4,7 @@
     - one mixed batch of 8 rows with 8 different prefixes,
     - the same batch with one prefix for every row (target: mixed >= 0.95 x its throughput),
     - 8 sequential single-row batches, one per prefix (target: mixed >= 3 x faster).
-(b) The live server (`prefixtune.server`, 4 prefixes + the base model, greedy completions through
+(b) The live server (`prefixtune.serving`, 4 prefixes + the base model, greedy completions through
     the official openai client): requests/s and p50/p95 latency at 1, 4 and 16 concurrent clients.
 
     python -m benchmarks.serving [--quick] [--out benchmarks/results/serving.json]
@@ -28,7 +28,7 @@ from benchmarks.speed import round_robin
 from prefixtune import attach
 from prefixtune.assets import smollm2_path
 from prefixtune.collection import PrefixCollection
-from prefixtune.server import create_app, running
+from prefixtune.serving.app import create_app, running
 
 ROWS = 8
 PROMPTS = [

@@ -30,7 +30,7 @@ import transformers as tf  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
 from prefixtune import PrefixModel, attach  # noqa: E402
-from prefixtune.server import create_app, running  # noqa: E402
+from prefixtune.serving.app import create_app, running  # noqa: E402
 
 WORDS = (
     "the a cat dog sat on mat ran fast slow red blue green big small house tree car road sky sun moon star "
@@ -408,7 +408,7 @@ def test_admin_upload_and_delete(llama, monkeypatch):
     }
     auth = {"Authorization": f"Bearer {TOKEN}"}
     calls = []
-    import prefixtune.server as server_module
+    import prefixtune.serving.guards as server_module
 
     real = server_module.hmac.compare_digest
     monkeypatch.setattr(server_module.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
@@ -594,7 +594,7 @@ def test_classify_equals_offline_and_reports_labels(bert):
 
 def test_command_line_options(monkeypatch, tmp_path):
     """`python -m prefixtune.server` and the `prefixtune serve` verb share these options."""
-    import prefixtune.server as server_module
+    import prefixtune.serving.command as server_module
 
     seen = {}
     monkeypatch.setattr(server_module, "serve", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))

@@ -1,0 +1,156 @@
+"""The prefixes folder as the source of truth: one subfolder per prefix, named like it.
+
+Prefixes appear and disappear without a restart: the folder is polled (`sync`), and the admin
+endpoints write to it (`install`, `delete`). An upload is written to a hidden staging folder, loaded
+(validated) there, and only then renamed into place, so a half-written or invalid prefix is never
+visible, neither to requests nor to the poller. Every method runs on the batcher's worker thread,
+so loading never races a batch and the `PrefixCollection` only changes between batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from prefixtune import serialization
+from prefixtune.collection import PrefixCollection
+from prefixtune.errors import PrefixTuneError
+from prefixtune.model import PrefixModel
+from prefixtune.serving.errors import RequestError
+from prefixtune.serving.settings import NAME_RE
+
+log = logging.getLogger("prefixtune.server")
+
+
+def _signature(folder: Path) -> tuple | None:
+    """What changes when a prefix folder is rewritten (atomic renames give new inodes)."""
+    stats = []
+    for name in (serialization.CONFIG_NAME, serialization.WEIGHTS_NAME):
+        try:
+            st = (folder / name).stat()
+        except FileNotFoundError:
+            if name == serialization.CONFIG_NAME:
+                return None  # config is written last: without it the prefix is not complete yet
+            stats.append(None)
+            continue
+        stats.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(stats)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class PrefixFolder:
+    """The prefixes directory as the source of truth. All methods run on the batcher's worker thread,
+    so loading never races a batch and the collection only changes between batches."""
+
+    def __init__(self, root: str | Path, bank: PrefixCollection, reserved: str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.bank = bank
+        self.reserved = reserved
+        self.seen: dict[str, tuple] = {}
+        self.errors: dict[str, str] = {}
+        for leftover in self.root.glob(".upload-*"):  # from a crash during an upload or delete
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.root.glob(".trash-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _scan(self) -> dict[str, tuple]:
+        found = {}
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            if not NAME_RE.fullmatch(entry.name) or entry.name == self.reserved:
+                self.errors[entry.name] = "not a valid prefix name (letters, digits, '_' and '-'; not the base id)"
+                continue
+            sig = _signature(Path(entry.path))
+            if sig is not None:
+                found[entry.name] = sig
+        return found
+
+    def _trash(self, name: str) -> Path:
+        """A hidden, unique path next to the prefixes, for a folder on its way out."""
+        return self.root / f".trash-{name}-{uuid.uuid4().hex}"
+
+    def sync(self) -> None:
+        """Load new or changed subfolders and drop removed ones. A broken folder is reported in
+        `errors` and not retried until it changes; a loaded version keeps serving meanwhile."""
+        present = self._scan()
+        self.errors = {n: e for n, e in self.errors.items() if (self.root / n).exists()}
+        for name in [n for n in self.seen if n not in present]:
+            del self.seen[name]
+            self.errors.pop(name, None)
+            if name in self.bank:
+                self.bank.remove(name)
+                log.info("prefix %r removed (its folder is gone)", name)
+        for name, sig in present.items():
+            if self.seen.get(name) == sig:
+                continue
+            self.seen[name] = sig
+            try:
+                self.bank.add(name, PrefixModel.from_pretrained(self.bank.base_model, self.root / name))
+            except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the others
+                self.errors[name] = str(exc)
+                log.warning("prefix %r not loaded: %s", name, exc)
+            else:
+                self.errors.pop(name, None)
+                log.info("prefix %r loaded", name)
+
+    def install(self, name: str, record: dict, weights: bytes, replace: bool) -> None:
+        """Write an uploaded prefix to a hidden folder, load it, then rename it into place."""
+        target = self.root / name
+        if not replace and (name in self.bank or target.exists()):
+            raise RequestError(409, f"prefix {name!r} already exists; pass ?replace=true to overwrite it")
+        record = {"format_version": serialization.FORMAT_VERSION, **record}
+        staging = Path(tempfile.mkdtemp(prefix=f".upload-{name}-", dir=self.root))
+        trash = self._trash(name)
+        try:
+            serialization.write_bytes(staging / serialization.WEIGHTS_NAME, weights)
+            serialization.write_json(staging / serialization.CONFIG_NAME, record)
+            try:
+                model = PrefixModel.from_pretrained(self.bank.base_model, staging)
+            except PrefixTuneError as exc:
+                raise RequestError(400, f"invalid prefix: {str(exc).replace(str(staging), name)}") from exc
+            if target.exists():
+                os.replace(target, trash)
+            try:
+                os.replace(staging, target)
+            except OSError:
+                if trash.exists():  # put the previous version back
+                    os.replace(trash, target)
+                raise
+            _fsync_dir(self.root)
+            self.bank.add(name, model)
+            self.seen[name] = _signature(target) or ()
+            self.errors.pop(name, None)
+            log.info("prefix %r installed through the admin endpoint", name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def delete(self, name: str) -> None:
+        target = self.root / name
+        if name not in self.bank and not target.exists():
+            raise RequestError(404, f"unknown prefix {name!r}", code="model_not_found")
+        if target.exists():
+            trash = self._trash(name)
+            os.replace(target, trash)
+            _fsync_dir(self.root)
+            shutil.rmtree(trash, ignore_errors=True)
+        if name in self.bank:
+            self.bank.remove(name)
+        self.seen.pop(name, None)
+        self.errors.pop(name, None)
+        log.info("prefix %r deleted through the admin endpoint", name)
