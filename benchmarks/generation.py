@@ -81,9 +81,10 @@ def run_one(args: argparse.Namespace) -> None:
         model, tokenizer, test, max_length=args.max_length, batch_size=16, template=TEMPLATE, max_new_tokens=20
     )
     params = model.trainable_parameters()
+    scores = {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "bleu", "loss")}
     emit({"row": args.row, "lr": lr, "train_size": len(rows), "test_size": len(test), "steps": steps,
           "train_s": train_s, "eval_s": time.perf_counter() - start, "trainable": params["trainable"],
-          "percent": params["percent"], **{k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "bleu", "loss")}})  # fmt: skip
+          "percent": params["percent"], **scores})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict | None:

@@ -1,9 +1,11 @@
-"""Train-step time and generation speed on SmolLM2-135M: prefixtune against PEFT and the bare model.
+"""Speed and memory on SmolLM2-135M: prefixtune against PEFT, the frozen model and full fine-tuning.
 
-Variants run alternately in one process (round-robin), so drift in machine load hits all of them
-alike; medians and ratios are reported, not single absolute times.
+Times: every variant runs alternately in one process (round-robin), so drift in machine load hits
+all of them alike; medians and ratios are reported. Memory: each variant in its own process, peak
+resident memory during its training steps above the memory of the loaded model (sampled every 2 ms).
 
-    python -m benchmarks.speed [--quick] [--out results/speed.json]
+    python -m benchmarks.speed [--quick]
+    python -m benchmarks.speed --memory prefixtune --seq 512 [--checkpointing]   # one memory row
 """
 
 from __future__ import annotations
@@ -11,24 +13,65 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from benchmarks.common import RESULTS, emit, run_row
 from prefixtune import attach
 from prefixtune.assets import smollm2_path
+
+TRAIN_VARIANTS = ("prefixtune", "PEFT prefix tuning", "frozen, no prefix", "full fine-tuning")
+GEN_VARIANTS = ("prefixtune", "PEFT prefix tuning", "base model")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def peak_during(fn: Callable[[], None]) -> tuple[float, float]:
+    """(seconds, peak RSS above the starting RSS in MiB) of one call."""
+    start_rss, peak, done = rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    done.set()
+    thread.join()
+    return seconds, max(peak[0], rss_mb()) - start_rss
 
 
 def load(path: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def train_step(model: torch.nn.Module, batch: dict, embeds: bool = False) -> Callable[[], None]:
+def variant(name: str, path: str, prefix: int) -> torch.nn.Module:
+    model = load(path)
+    if name == "prefixtune":
+        return attach(model, num_virtual_tokens=prefix, init="random")
+    if name == "PEFT prefix tuning":
+        import peft
+
+        return peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix))
+    if name in ("frozen, no prefix", "base model"):
+        model.requires_grad_(False)
+    return model
+
+
+def train_step(name: str, model: torch.nn.Module, batch: dict) -> Callable[[], None]:
     def step() -> None:
-        if embeds:  # the frozen model with no prefix: forward + backward to the inputs
+        if name == "frozen, no prefix":  # forward + backward to the inputs
             inputs = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
             loss = model(inputs_embeds=inputs, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         else:
@@ -42,23 +85,15 @@ def train_step(model: torch.nn.Module, batch: dict, embeds: bool = False) -> Cal
 def generate(model: torch.nn.Module, batch: dict, new_tokens: int) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad():
-            out = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens or out.shape[1] == new_tokens
+            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)  # fmt: skip
 
     return run
 
 
-def round_robin(variants: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
+def round_robin(variants: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    for fn in variants.values():  # warm-up
+        fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
@@ -68,59 +103,77 @@ def round_robin(variants: dict[str, Callable[[], None]], repeats: int, warmup: i
     return times
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats, for smoke tests")
-    parser.add_argument("--out", default="benchmarks/results/speed.json")
-    parser.add_argument("--no-peft", action="store_true", help="skip the PEFT variants")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
+def tokens(batch: int, seq: int, seed: int = 0) -> dict:
+    ids = torch.randint(100, 40000, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def memory_row(args: argparse.Namespace) -> None:
+    """One variant in this process: median step time and peak step memory."""
+    model = variant(args.memory, smollm2_path(), args.prefix)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    batch = tokens(args.batch, args.seq)
+    batch["labels"] = batch["input_ids"]
+    step = train_step(args.memory, model, batch)
+    step()  # warm-up: allocator pools and lazy init are not the step's own memory
+    measured = [peak_during(step) for _ in range(args.repeats)]
+    emit({"variant": args.memory, "seq": args.seq, "prefix": args.prefix, "batch": args.batch,
+          "checkpointing": args.checkpointing, "step_s": statistics.median(t for t, _ in measured),
+          "peak_mb": max(m for _, m in measured)})  # fmt: skip
+
+
+def run_group(quick: bool) -> dict:
     path = smollm2_path()
-    batch_size, seq, prefix, gen_batch, new = 8, 64, 16, 4, (8 if args.quick else 48)
-    repeats = 2 if args.quick else 7
-    ids = torch.randint(100, 40000, (batch_size, seq))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    gen_ids = torch.randint(100, 40000, (gen_batch, 16))
-    gen_batch_inputs = {"input_ids": gen_ids, "attention_mask": torch.ones_like(gen_ids)}
-
-    base = load(path)
-    ours = attach(load(path), num_virtual_tokens=prefix, init="random")
-    full = load(path).train()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    train = {
-        "prefixtune": train_step(ours, batch),
-        "frozen, no prefix": train_step(base, batch, embeds=True),
-        "full fine-tuning": train_step(full, batch),
-    }
-    gen = {"prefixtune": generate(ours, gen_batch_inputs, new), "base model": generate(base, gen_batch_inputs, new)}
-    if not args.no_peft:
-        import peft
-
-        theirs = peft.get_peft_model(
-            load(path), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix)
-        )
-        train["PEFT prefix tuning"] = train_step(theirs, batch)
-        gen["PEFT prefix tuning"] = generate(theirs, gen_batch_inputs, new)
-    train_times = round_robin(train, repeats)
-    gen_times = round_robin(gen, repeats)
+    batch_size, seq, prefix, gen_batch = 8, 64, 16, 4
+    new, repeats = (8, 2) if quick else (48, 7)
+    batch = {**tokens(batch_size, seq), "labels": tokens(batch_size, seq)["input_ids"]}
+    gen_inputs = tokens(gen_batch, 16, seed=1)
+    models = {name: variant(name, path, prefix) for name in TRAIN_VARIANTS}
+    models["full fine-tuning"].train()  # dropout is 0 in SmolLM2; train() only flags it
+    train_times = round_robin({n: train_step(n, m, batch) for n, m in models.items()}, repeats)
+    gen_models = {"prefixtune": models["prefixtune"], "PEFT prefix tuning": models["PEFT prefix tuning"],
+                  "base model": models["frozen, no prefix"]}  # fmt: skip
+    gen_times = round_robin({n: generate(m, gen_inputs, new) for n, m in gen_models.items()}, repeats)
+    del models, gen_models
+    memory = {}
+    for name in TRAIN_VARIANTS:
+        memory[name] = run_row("benchmarks.speed", ["--memory", name, "--repeats", "2"])
+    ckpt = {}
+    long_seq = "128" if quick else "512"
+    for flag in ([], ["--checkpointing"]):
+        r = run_row("benchmarks.speed", ["--memory", "prefixtune", "--seq", long_seq, "--repeats", "2", *flag])
+        ckpt["on" if flag else "off"] = r
     result = {
-        "setup": {
-            "batch": batch_size,
-            "seq": seq,
-            "prefix": prefix,
-            "gen_batch": gen_batch,
-            "new_tokens": new,
-            "repeats": repeats,
-            "threads": torch.get_num_threads(),
-        },
+        "setup": {"batch": batch_size, "seq": seq, "prefix": prefix, "gen_batch": gen_batch, "new_tokens": new,
+                  "repeats": repeats, "threads": torch.get_num_threads(), "checkpointing_seq": int(long_seq)},
         "train_step_s": {k: statistics.median(v) for k, v in train_times.items()},
+        "train_step_all_s": train_times,
         "generate_tok_s": {k: gen_batch * new / statistics.median(v) for k, v in gen_times.items()},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+        "peak_step_memory_mb": {k: v["peak_mb"] for k, v in memory.items()},
+        "checkpointing": ckpt,
+    }  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / ("speed-quick.json" if quick else "speed.json")).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("train_step_s", "generate_tok_s", "peak_step_memory_mb")}, indent=2))
     return result
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats, short generation: a smoke test")
+    parser.add_argument("--memory", choices=TRAIN_VARIANTS, help="measure one variant's step in this process")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--prefix", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--checkpointing", action="store_true")
+    args = parser.parse_args(argv)
+    if args.memory:
+        memory_row(args)
+        return None
+    return run_group(args.quick)
 
 
 if __name__ == "__main__":
