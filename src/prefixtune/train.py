@@ -471,8 +471,12 @@ def train(
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
-    if not cfg.resume and (out / CHECKPOINTS / LATEST).exists() and main:
-        print(f"note: {out} holds a checkpoint; starting over (pass --resume to continue it)", file=sys.stderr)
+    if not cfg.resume and (out / CHECKPOINTS).exists() and main:
+        # A later --resume must never pick up a checkpoint of an earlier, different run.
+        print(
+            f"note: {out} held checkpoints of an earlier run; starting over (--resume continues one)", file=sys.stderr
+        )
+        shutil.rmtree(out / CHECKPOINTS)
 
     examples = tasks.encode(model, tokenizer, train_rows, cfg.max_length, cfg.template, cfg.max_target_length)
     lengths = [len(e["input_ids"]) for e in examples] if cfg.group_by_length else None
@@ -503,6 +507,12 @@ def train(
         state = load_checkpoint(out, accelerator, model, optimizer, scheduler, cfg)
     log = MetricsLog(out / METRICS_LOG, main)
     if main:
+        if not cfg.resume and (out / CHECKPOINTS).exists():
+            # A later --resume must never pick up a checkpoint of an earlier, different run.
+            print(
+                f"note: removing the checkpoints of an earlier run in {out} (--resume continues one)", file=sys.stderr
+            )
+            shutil.rmtree(out / CHECKPOINTS)
         out.mkdir(parents=True, exist_ok=True)
         log.restart(state.step if cfg.resume else None)
         record = {
