@@ -41,6 +41,11 @@ LATEST = "latest.json"
 RESUME_KEYS = ("batch_size", "grad_accum", "seed", "optimizer", "scheduler", "learning_rate", "epochs", "max_steps")
 
 
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
 def _opt(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
 
@@ -468,7 +473,8 @@ def train(
     cfg.validate()
     out = Path(cfg.output_dir)
     # bf16 is our own autocast rather than Accelerate's mixed_precision, which is fixed once per process.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    # With no GPU, `cpu=True` is what lets Accelerate join a multi-process launch as gloo CPU ranks.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not _has_accelerator())
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     if not cfg.resume and (out / CHECKPOINTS).exists() and main:
