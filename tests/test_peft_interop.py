@@ -76,3 +76,43 @@ def test_unknown_config_values_are_refused(change, tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(PrefixTuneError, match="unsupported value|unknown PEFT config key"):
         from_peft(tiny.make("llama"), tmp_path / "peft")
+
+
+def test_convert_verb_both_ways(tmp_path):
+    import tinysaved
+    from transformers import AutoModelForCausalLM
+
+    from prefixtune import PrefixModel, cli
+
+    folder = tinysaved.save("llama", tmp_path / "llama")
+    theirs = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(folder),
+        peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+    )
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_()
+    theirs.eval().save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+    assert (
+        cli.main(["convert", "--model", folder, "--source", str(tmp_path / "adapter"), "--output", str(tmp_path / "p")])
+        == 0
+    )
+    ours = PrefixModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert (
+        cli.main(["convert", "--model", folder, "--source", str(tmp_path / "p"), "--output", str(tmp_path / "b")]) == 0
+    )
+    again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "b").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert cli.main(["convert", "--model", folder, "--source", str(tmp_path / "nowhere"), "--output", "x"]) == 2
+
+
+def test_serve_verb_is_wired(tmp_path, capsys):
+    from prefixtune import cli
+
+    assert cli.main(["serve", "--model", str(tmp_path / "no-model"), "--prefixes", str(tmp_path)]) == 2
+    assert "cannot load model" in capsys.readouterr().err

@@ -148,6 +148,11 @@ DEMO_OPTIONS = [
     Option("seed", int, 42, "Seed of the run."),
     Option("threads", int, None, "CPU threads for torch (default: the faster of 1 and all cores, measured)."),
 ]
+CONVERT_OPTIONS = [
+    Option("model", str, None, "Base model the prefix belongs to ('smollm2', a folder or a hub name)."),
+    Option("source", str, None, "A PEFT adapter folder (converted to prefixtune) or a prefixtune prefix folder."),
+    Option("output", str, None, "Folder to write the converted prefix or adapter to."),
+]
 VERB_OPTIONS: dict[str, list[Option]] = {
     "train": [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS],
     "evaluate": EVAL_OPTIONS,
@@ -155,6 +160,7 @@ VERB_OPTIONS: dict[str, list[Option]] = {
     "generate": GENERATE_OPTIONS,
     "info": INFO_OPTIONS,
     "demo": DEMO_OPTIONS,
+    "convert": CONVERT_OPTIONS,
 }
 VERB_HELP = {
     "train": "Train a prefix on a frozen model and save it (with metrics.jsonl, curves.png, checkpoints).",
@@ -163,6 +169,8 @@ VERB_HELP = {
     "generate": "Generate text with a causal-LM or seq2seq prefix.",
     "demo": "Train a sentiment prefix on MiniLM + Rotten Tomatoes beside a head-only baseline (about 3 minutes).",
     "info": "Show what a saved prefix holds and which base model it fits.",
+    "convert": "Convert a PEFT PrefixTuning/PromptTuning adapter to a prefixtune prefix, or back.",
+    "serve": "Serve many prefixes of one frozen model over an OpenAI-compatible HTTP API.",
 }
 
 
@@ -322,6 +330,8 @@ def _print_table(rows: Sequence[tuple[str, Any]], title: str | None = None) -> N
 
 def train(**options: Any) -> TrainResult:
     """Load model and data, attach a prefix, train it, then score the test split if there is one."""
+    import torch
+
     from prefixtune import tasks
     from prefixtune.model import attach
 
@@ -340,6 +350,7 @@ def train(**options: Any) -> TrainResult:
     train_cfg = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
     prefix_cfg = _prefix_config(opts, train_cfg.seed)
     num_labels = len(label_names) if label_names else None
+    torch.manual_seed(train_cfg.seed)  # a new task head is drawn at load time: the seed must cover it
     base, tokenizer, task = tasks.load_model(opts["model"], task, num_labels, label_names)
     model = attach(base, prefix_cfg, tokenizer=tokenizer)
     eval_rows = splits.get("validation")
@@ -539,7 +550,28 @@ def demo(**options: Any) -> dict:
     return run_demo(**opts)
 
 
-VERBS = {"train": train, "evaluate": evaluate, "predict": predict, "generate": generate, "info": info, "demo": demo}
+def convert(**options: Any) -> str:
+    """PEFT adapter folder -> prefixtune prefix, or prefixtune prefix -> PEFT adapter folder."""
+    from prefixtune import peft_interop, tasks
+
+    missing = [f"--{n}" for n in ("model", "source", "output") if not options.get(n)]
+    if missing:
+        raise PrefixTuneError(f"convert needs {', '.join(missing)}")
+    model, _, _ = tasks.load_model(options["model"])
+    direction = peft_interop.convert(model, options["source"], options["output"])
+    print(f"{direction}: {options['source']} -> {options['output']}")
+    return direction
+
+
+def serve(**options: Any) -> None:
+    """Run the HTTP server (its options are those of `prefixtune.serving.command.add_arguments`)."""
+    from prefixtune.serving.command import run_from_args
+
+    run_from_args(options)
+
+
+VERBS = {"train": train, "evaluate": evaluate, "predict": predict, "generate": generate, "info": info, "demo": demo,
+         "convert": convert, "serve": serve}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -571,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
             _add(p, RECIPE)
         for option in options:
             _add(p, option)
+    serve_parser = sub.add_parser("serve", help=VERB_HELP["serve"], description=VERB_HELP["serve"])
+    try:
+        from prefixtune.serving.command import add_arguments
+    except ImportError:  # the server's packages are an optional extra
+        serve_parser.set_defaults(verb="serve-missing")
+    else:
+        add_arguments(serve_parser)
     return parser
 
 
@@ -583,6 +622,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     verb = args.pop("verb")
+    if verb == "serve-missing":
+        print("error: prefixtune serve needs FastAPI and uvicorn: pip install 'prefixtune[serve]'", file=sys.stderr)
+        return 2
     given = {k: v for k, v in args.items() if v is not None}
     previous = warnings.formatwarning
     warnings.formatwarning = _one_line_warnings
