@@ -98,7 +98,7 @@ def run_group(quick: bool, train_size: int) -> dict:
     rows = {k: v for k, v in ROWS.items() if not quick or k in ("head", "prefix")}
     low, seeds = (64, [0]) if quick else (200, [0, 1, 2])
     size = 256 if quick else train_size
-    common = ["--eval-size", "100" if quick else "600"] + (["--epochs", "1"] if quick else [])
+    common = ["--eval-size", "100" if quick else "300"] + (["--epochs", "1"] if quick else [])
     results: dict = {"rows": {}, "train_size": size, "low_data_size": low, "seeds": seeds}
     for name, (label, grid) in rows.items():
         tried = []
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--quick", action="store_true", help="two rows, tiny sizes: a smoke test")
     parser.add_argument("--row", choices=sorted(ROWS), help="run one row in this process and print its JSON")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--train-size", type=int, default=4000)
+    parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--eval-size", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--row", choices=sorted(ROWS))
-    parser.add_argument("--train-size", type=int, default=400)
-    parser.add_argument("--test-size", type=int, default=100)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--train-size", type=int, default=200)
+    parser.add_argument("--test-size", type=int, default=60)
+    parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.row:

@@ -1,0 +1,168 @@
+"""Turn benchmarks/results/*.json into BENCHMARKS.md: tables, targets met or not, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, markdown_table
+
+
+def _load(name: str, quick: bool) -> dict | None:
+    path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def _speed(r: dict) -> str:
+    t, g, m = r["train_step_s"], r["generate_tok_s"], r["peak_step_memory_mb"]
+    s = r["setup"]
+    rows = [[k, round(v, 3), round(v / t["prefixtune"], 2), round(m[k], 1)] for k, v in t.items()]
+    out = [f"SmolLM2-135M, batch {s['batch']}, {s['seq']} tokens, prefix {s['prefix']}, {s['threads']} threads; "
+           f"medians of {s['repeats']} alternating repeats. Peak step memory: resident memory above the loaded "
+           "model during a training step, each variant in its own process.", "",
+           markdown_table(["training step", "seconds", "× prefixtune", "peak step memory (MiB)"], rows), ""]  # fmt: skip
+    gen_rows = [[k, round(v, 1), round(v / g["base model"], 3)] for k, v in g.items()]
+    out += [f"Generation: batch {s['gen_batch']}, {s['new_tokens']} new tokens, greedy.", "",
+            markdown_table(["generation", "tokens/s", "× base model"], gen_rows), ""]  # fmt: skip
+    ours, peft, frozen = t["prefixtune"], t.get("PEFT prefix tuning"), t["frozen, no prefix"]
+    c = r["checkpointing"]
+    cut = 1 - c["on"]["peak_mb"] / c["off"]["peak_mb"]
+    targets = [
+        ["training step ≤ 0.85 × PEFT", f"{ours / peft:.2f} ×" if peft else "n/a", _mark(bool(peft) and ours <= 0.85 * peft)],
+        ["training step ≤ 1.05 × frozen no-prefix", f"{ours / frozen:.2f} ×", _mark(ours <= 1.05 * frozen)],
+        ["generation ≥ 0.97 × base", f"{g['prefixtune'] / g['base model']:.3f} ×", _mark(g["prefixtune"] >= 0.97 * g["base model"])],
+        ["peak memory ≤ PEFT", f"{m['prefixtune']:.0f} vs {m.get('PEFT prefix tuning', float('nan')):.0f} MiB",
+         _mark(m["prefixtune"] <= m.get("PEFT prefix tuning", 0))],
+        [f"checkpointing cuts peak memory ≥ 40% at {s['checkpointing_seq']} tokens",
+         f"{c['off']['peak_mb']:.0f} → {c['on']['peak_mb']:.0f} MiB ({100 * cut:.0f}%)", _mark(cut >= 0.40)],
+    ]  # fmt: skip
+    return "\n".join(out + [markdown_table(["target", "measured", ""], targets)])
+
+
+def _classification(r: dict) -> str:
+    rows, few_rows = [], []
+    for row in r["rows"].values():
+        f = row["full"]
+        rows.append([row["label"], f["accuracy"], f["macro_f1"], f"{f['trainable']:,} ({f['percent']:.3f}%)",
+                     f"{f['train_s']:.0f}", f"{f['peak_rss_mb']:.0f}", f"{f['wall_s']:.0f}", row["lr"]])  # fmt: skip
+        few_rows.append([row["label"], f"{row['few_mean']:.4f} ± {row['few_std']:.4f}",
+                         f"{sum(x['wall_s'] for x in row['few']):.0f}"])  # fmt: skip
+    out = [f"MiniLM (frozen) on the Rotten Tomatoes test split (split by movie); {r['train_size']} training "
+           "examples, 1 epoch. Learning rate chosen per row on the validation split (2-point grid).", "",
+           markdown_table(["method", "accuracy", "macro-F1", "trainable params", "train (s)", "peak RSS (MiB)",
+                           "wall (s)", "lr"], rows), "",
+           f"Low data: {r['low_data_size']} training examples, 10 epochs, seeds {r['seeds']}: test accuracy "
+           "mean ± std.", "", markdown_table(["method", "accuracy", "wall (s, all seeds)"], few_rows)]  # fmt: skip
+    rr = r["rows"]
+    if "prefix" in rr and "full" in rr:
+        p, f = rr["prefix"], rr["full"]
+        gap = f["full"]["accuracy"] - p["full"]["accuracy"]
+        out += ["", markdown_table(["target", "measured", ""], [
+            ["prefix tuning within 1 point of full fine-tuning", f"{100 * gap:+.1f} points behind",
+             _mark(gap <= 0.01)],
+            ["with ≤ 2% trainable parameters", f"{p['full']['percent']:.3f}%", _mark(p["full"]["percent"] <= 2)],
+            [f"{r['low_data_size']} examples: prefix ≥ full fine-tuning", f"{p['few_mean']:.4f} vs {f['few_mean']:.4f}",
+             _mark(p["few_mean"] >= f["few_mean"])],
+        ])]  # fmt: skip
+    _bar_plot(r, RESULTS / "classification.png")
+    return "\n".join(out + ["", "![classification](benchmarks/results/classification.png)"])
+
+
+def _bar_plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row["label"] for row in r["rows"].values()]
+    full = [row["full"]["accuracy"] for row in r["rows"].values()]
+    few = [row["few_mean"] for row in r["rows"].values()]
+    err = [row["few_std"] for row in r["rows"].values()]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], full, 0.4, label=f"{r['train_size']} examples")
+    ax.bar([i + 0.2 for i in x], few, 0.4, yerr=err, label=f"{r['low_data_size']} examples (3 seeds)")
+    ax.set_xticks(list(x), labels, rotation=20, ha="right")
+    ax.set_ylim(0.45, max(full + few) + 0.05)
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _generation(r: dict) -> str:
+    rows = [[row["label"], row["rouge1"], row["rouge2"], row["rougeL"], round(row["bleu"], 2),
+             f"{row['trainable']:,}", row["steps"], f"{row['train_s']:.0f}", f"{row['wall_s']:.0f}"]
+            for row in r["rows"].values()]  # fmt: skip
+    first = next(iter(r["rows"].values()))
+    out = [f"SmolLM2-135M, BBC headline generation: {first['train_size']} training articles (1 epoch, batch 8), "
+           f"{first['test_size']} test articles, greedy, 20 new tokens.", "",
+           markdown_table(["method", "ROUGE-1", "ROUGE-2", "ROUGE-L", "BLEU", "trainable", "steps", "train (s)",
+                           "wall (s)"], rows)]  # fmt: skip
+    rr = r["rows"]
+    if {"prefix", "full", "zero-shot"} <= rr.keys():
+        ratio = rr["prefix"]["rougeL"] / max(rr["full"]["rougeL"], 1e-9)
+        out += ["", markdown_table(["target", "measured", ""], [
+            ["prefix ROUGE-L ≥ 0.95 × full fine-tuning", f"{ratio:.2f} ×", _mark(ratio >= 0.95)],
+            ["prefix clearly above zero-shot", f"{rr['prefix']['rougeL']:.4f} vs {rr['zero-shot']['rougeL']:.4f}",
+             _mark(rr["prefix"]["rougeL"] > 1.2 * rr["zero-shot"]["rougeL"])],
+        ])]  # fmt: skip
+    return "\n".join(out)
+
+
+def _serving(r: dict) -> str:
+    from benchmarks.serving import table
+
+    g = r["generation"]
+    targets = markdown_table(["target", "measured", ""], [
+        ["mixed batch ≥ 0.95 × one-prefix throughput", f"{g['mixed_vs_single_throughput']:.2f} ×",
+         _mark(g["mixed_vs_single_throughput"] >= 0.95)],
+        ["mixed batch ≥ 3 × faster than 8 sequential rows", f"{g['mixed_speedup_vs_sequential']:.2f} ×",
+         _mark(g["mixed_speedup_vs_sequential"] >= 3)],
+    ])  # fmt: skip
+    s = r["setup"]
+    return (f"SmolLM2-135M, {s['rows']} rows, prefix length {s['prefix_len']}, {s['new_tokens']} new tokens, "
+            f"{s['threads']} threads.\n\n{table(r)}\n\n{targets}")  # fmt: skip
+
+
+def _scaling(r: dict) -> str:
+    rows = [[p["prefix"], 64, round(p["step_s"], 3), round(p["peak_mb"], 1)] for p in r["by_prefix"]]
+    rows += [[16, p["seq"], round(p["step_s"], 3), round(p["peak_mb"], 1)] for p in r["by_seq"]]
+    return (f"SmolLM2-135M, prefixtune, batch {r['batch']}; prefix 0 is the frozen model without a prefix.\n\n"
+            + markdown_table(["prefix length", "sequence length", "train step (s)", "peak step memory (MiB)"], rows)
+            + "\n\n![scaling](benchmarks/results/scaling.png)")  # fmt: skip
+
+
+SECTIONS: list[tuple[str, str, Any]] = [
+    ("speed", "Speed and memory against PEFT and the frozen model", _speed),
+    ("classification", "Classification quality", _classification),
+    ("generation", "Generation quality", _generation),
+    ("serving", "Many prefixes on one model", _serving),
+    ("scaling", "Scaling with prefix and sequence length", _scaling),
+]
+
+
+def write(path: Path, quick: bool = False) -> None:
+    machine = json.loads((RESULTS / "machine.json").read_text()) if (RESULTS / "machine.json").exists() else {}
+    timings_path = RESULTS / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    lines = ["# Benchmarks", "",
+             f"Made by `python -m benchmarks.run{' --quick' if quick else ''}` (`make bench`). Machine: "
+             + ", ".join(f"{k} {v}" for k, v in machine.items()) + ". Every figure below was measured by that "
+             "command on this machine; results are in `benchmarks/results/`.", ""]  # fmt: skip
+    for name, title, render in SECTIONS:
+        result = _load(name, quick)
+        lines += [f"## {title}", ""]
+        if result is None:
+            lines += ["Not run yet.", ""]
+            continue
+        seconds = timings.get(name + ("-quick" if quick else ""))
+        lines += [f"Command: `python -m benchmarks.{name}{' --quick' if quick else ''}`"
+                  + (f" (group wall time {seconds / 60:.1f} min)." if seconds else "."), "", render(result), ""]  # fmt: skip
+    path.write_text("\n".join(lines))
