@@ -20,7 +20,10 @@ def load_recipe(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise PrefixTuneError(f"recipe {str(path)!r}: file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PrefixTuneError(f"recipe {path}: cannot read it: {exc.strerror or exc}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -31,13 +34,18 @@ def load_recipe(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PrefixTuneError(f"recipe {path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+        except (ValueError, RecursionError) as exc:  # a number of more than 4300 digits, nesting too deep
+            raise PrefixTuneError(f"recipe {path}: unreadable JSON: {_first_line(exc)}") from None
     elif path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise PrefixTuneError(f"recipe {path}: malformed YAML: {str(exc).splitlines()[0]}") from None
+            raise PrefixTuneError(f"recipe {path}: malformed YAML: {_first_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - PyYAML's value constructors raise plain errors
+            # e.g. `2001-02-30` (no such day), `!!int abc`, a 5000-digit number, nesting too deep
+            raise PrefixTuneError(f"recipe {path}: unreadable YAML value: {_first_line(exc)}") from None
     else:
         raise PrefixTuneError(f"recipe {path}: unsupported file type {path.suffix!r}; expected .yaml, .yml or .json")
     if data is None:
@@ -45,6 +53,11 @@ def load_recipe(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise PrefixTuneError(f"recipe {path}: expected a mapping of option names to values, got {type(data).__name__}")
     return normalise(data, known, str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return text or type(exc).__name__
 
 
 def normalise(data: Mapping[str, Any], known: Iterable[str], source: str = "recipe") -> dict[str, Any]:

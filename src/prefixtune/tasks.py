@@ -49,8 +49,9 @@ def load_model(
 
     path = resolve_model(name)
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # Never remote code: a model folder's own Python is not run (and not even offered in a prompt).
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise PrefixTuneError(
@@ -77,13 +78,14 @@ def load_model(
                 label2id={n: i for i, n in enumerate(names)},
                 ignore_mismatched_sizes=True,  # a head of another size is replaced: the prefix trains its own
                 dtype=torch.float32,
+                trust_remote_code=False,
             )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
         elif task == "seq2seq_lm":
-            model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
         elif task == "causal_lm":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
         else:
             raise PrefixTuneError(f"unknown task {task!r}; expected classification, causal_lm or seq2seq_lm")
     finally:

@@ -39,6 +39,10 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 # Settings that must match for a checkpoint to resume exactly.
 RESUME_KEYS = ("batch_size", "grad_accum", "seed", "optimizer", "scheduler", "learning_rate", "epochs", "max_steps")
+# Test hook, for the kill test in tests/test_reliability.py only: when this environment variable holds a step
+# number, the checkpoint of that step prints a marker line to stderr and sleeps after `latest.json`'s temporary
+# file is written but before it is renamed into place, so a test can SIGKILL the run in the middle of the save.
+TEST_PAUSE_ENV = "PREFIXTUNE_TEST_PAUSE_IN_CHECKPOINT"
 
 
 def _has_accelerator() -> bool:
@@ -93,6 +97,11 @@ class TrainConfig:
     checkpoint_every: int = _opt("Write a resumable checkpoint every N steps; 0: at every evaluation.", 0)
     resume: bool = _opt("Continue from the latest checkpoint in output_dir, exactly where it stopped.", False)
     log_every: int = _opt("Write the training loss to metrics.jsonl every N steps.", 10)
+    skip_bad_batches: bool = _opt(
+        "When a step's loss or gradients are NaN/inf, skip it (no optimizer or schedule update) and count it, "
+        "instead of stopping training with an error. The skipped step still counts towards epochs and max_steps.",
+        False,
+    )
     progress: bool = _opt("Show a progress bar with loss, speed and ETA.", True)
 
     def __post_init__(self) -> None:
@@ -143,6 +152,7 @@ class TrainState:
     best_step: int | None = None
     bad_evals: int = 0
     seconds: float = 0.0
+    skipped_steps: int = 0  # steps skipped for NaN/inf loss or gradients (skip_bad_batches)
 
 
 @dataclass
@@ -158,6 +168,7 @@ class TrainResult:
     best_step: int | None
     stopped_early: bool
     out_of_time: bool = False
+    skipped_steps: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)
     trainable: dict[str, float] = field(default_factory=dict)
 
@@ -322,10 +333,23 @@ def save_checkpoint(
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        serialization.write_json(root / LATEST, {"checkpoint": path.name, "step": state.step})
+        with serialization.atomic_path(root / LATEST) as handle:  # the commit point of the checkpoint
+            handle.write((json.dumps({"checkpoint": path.name, "step": state.step}, indent=2) + "\n").encode())
+            _test_pause(state.step, handle)
         for old in root.glob("step-*"):
             if old.name != path.name:
                 shutil.rmtree(old, ignore_errors=True)
+        for stale in [*root.glob(".*.tmp"), *path.glob(".*.tmp")]:  # left by a save killed before its rename
+            stale.unlink(missing_ok=True)
+
+
+def _test_pause(step: int, handle: Any) -> None:
+    """Test hook (see TEST_PAUSE_ENV): hold the save of checkpoint `step` open, so a test can kill the run there."""
+    wanted = os.environ.get(TEST_PAUSE_ENV)
+    if wanted and wanted.strip() == str(step):
+        handle.flush()  # the temporary file now holds the new content; only the rename is missing
+        print(f"{TEST_PAUSE_ENV}: paused in checkpoint step {step}", file=sys.stderr, flush=True)
+        time.sleep(600)
 
 
 def load_checkpoint(
@@ -435,6 +459,15 @@ def summary_table(rows: Sequence[tuple[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- loop
+def _non_finite_gradients(named: Sequence[tuple[str, torch.nn.Parameter]]) -> list[str]:
+    """Names of the trainable parameters whose gradient holds a NaN or an infinity."""
+    return [name for name, p in named if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+
+def _all_finite(model: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_tensors().values())
+
+
 def _evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], cfg: TrainConfig) -> dict[str, float]:
     return tasks.evaluate(
         model,
@@ -496,7 +529,8 @@ def train(
     )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise PrefixTuneError("the model has no trainable parameters (method 'text' trains nothing)")
     optimizer = build_optimizer(params, cfg)
@@ -577,30 +611,79 @@ def train(
         state.seconds = base_seconds + time.perf_counter() - started
         save_checkpoint(out, accelerator, model, optimizer, scheduler, state, cfg)
 
+    def bad_numbers() -> str | None:
+        """Why this step's loss or gradients are unusable (NaN/inf), agreed by every process; None if fine."""
+        bad_loss = [v for v in micro_losses if not math.isfinite(v)]
+        problem = None
+        if bad_loss:
+            problem = f"the loss is {bad_loss[0]}"
+        elif broken := _non_finite_gradients(named):
+            problem = f"the gradients of {', '.join(broken)} hold NaN or inf values (the loss was finite)"
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([0.0 if problem is None else 1.0], device=accelerator.device)
+            if float(accelerator.reduce(flag, reduction="sum").item()) > 0 and problem is None:
+                problem = "another process saw a NaN/inf loss or gradient"
+        return problem
+
+    def skip_or_stop(problem: str) -> None:
+        """A step with bad numbers: skipped and counted, or the end of training (the prefix was not updated)."""
+        at = state.step + 1
+        if cfg.skip_bad_batches:
+            state.skipped_steps += 1
+            log.write({"split": "skipped", "step": at, "reason": problem, "skipped_steps": state.skipped_steps})
+            if main:
+                bar.write(f"step {at}: skipped, {problem} ({state.skipped_steps} skipped so far)")
+            return
+        kept = "the best prefix so far stays"
+        if main and not (eval_rows and state.best_step is not None) and _all_finite(unwrapped):
+            unwrapped.save_pretrained(out)  # the last good prefix: this step never reached the optimizer
+            kept = "the last good prefix (before this step) is saved"
+        log.write({"split": "stopped", "step": at, "reason": problem})
+        bar.close()
+        latest = root_latest()
+        resume = f"; --resume continues from the checkpoint of step {latest}" if latest is not None else ""
+        raise PrefixTuneError(
+            f"training stopped at step {at} (epoch {state.epoch + 1}): {problem}; {kept} in {out}{resume}. "
+            "Lower --learning-rate, check the data, or pass --skip-bad-batches to skip such steps"
+        )
+
+    def root_latest() -> int | None:
+        try:
+            return int(json.loads((out / CHECKPOINTS / LATEST).read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     out_of_time = False
     while state.step < total and not (stopped_early or interrupted or out_of_time):
         sampler.epoch = state.epoch
         data = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         for batch in data:
+            problem = None
             with accelerator.accumulate(model):
                 with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss = model(**batch).loss
+                micro_losses.append(float(loss.detach()))
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    problem = bad_numbers()
+                    if problem is None and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                if problem is None:
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
-            micro_losses.append(float(loss.detach()))
             if not accelerator.sync_gradients:
                 continue
+            if problem is not None:
+                skip_or_stop(problem)
             state.step += 1
-            window.append(sum(micro_losses) / len(micro_losses))
+            if problem is None:
+                window.append(sum(micro_losses) / len(micro_losses))
+                bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             micro_losses.clear()
             bar.update(1)
-            bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if state.step % cfg.log_every == 0 or state.step == total:
+            if window and (state.step % cfg.log_every == 0 or state.step == total):
                 mean = sum(window) / len(window)
                 log.write(
                     {
@@ -609,6 +692,7 @@ def train(
                         "epoch": round(state.epoch + frac(), 4),
                         "loss": mean,
                         "lr": scheduler.get_last_lr()[0],
+                        **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
                     }
                 )
                 window.clear()
@@ -666,6 +750,7 @@ def _result(
         best_value=state.best,
         best_step=state.best_step,
         stopped_early=stopped,
+        skipped_steps=state.skipped_steps,
         last_eval=dict(last),
         trainable=model.trainable_parameters(),
     )
@@ -686,5 +771,7 @@ def result_rows(result: TrainResult) -> list[tuple[str, Any]]:
         rows.append(("stopped early", "yes"))
     if result.out_of_time:
         rows.append(("stopped at time limit", "yes"))
+    if result.skipped_steps:
+        rows.append(("skipped bad steps", result.skipped_steps))
     rows.append(("saved to", result.output_dir))
     return rows
