@@ -209,7 +209,7 @@ def _coerce(option: Option, value: Any, source: str) -> Any:
             return [int(v) for v in items] if kind == "ints" else [str(v).strip() for v in items]
         if not isinstance(value, str):
             raise TypeError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         expected = EXPECTED.get(kind, str(kind))
         raise PrefixTuneError(f"{source}option {option.name!r} must be {expected}, got {value!r}") from None
     if option.choices and value not in option.choices:

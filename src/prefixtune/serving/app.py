@@ -38,7 +38,7 @@ def load_base(name: str, device: str | None = None, dtype: str | None = None) ->
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(resolve_model(name))
+        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise PrefixTuneError(f"cannot load model {name!r}: {(str(exc).strip().splitlines() or [''])[0]}") from None
     if any("SequenceClassification" in a for a in getattr(config, "architectures", None) or []):
