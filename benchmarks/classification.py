@@ -74,7 +74,7 @@ def run_one(args: argparse.Namespace) -> None:
     small = args.train_size <= 500
     config = TrainConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-cls-"),
-        epochs=args.epochs or (10 if small else 1),
+        epochs=args.epochs or (5 if small else 1),
         batch_size=16 if small else 32,
         learning_rate=args.lr,
         seed=args.seed,
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--quick", action="store_true", help="two rows, tiny sizes: a smoke test")
     parser.add_argument("--row", choices=sorted(ROWS), help="run one row in this process and print its JSON")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--train-size", type=int, default=1000)
     parser.add_argument("--eval-size", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = smollm2_path()
-    new_tokens, repeats, prefix_len = (4, 1, 16) if args.quick else (32, 5, 16)
-    requests = {1: 2, 4: 4, 16: 16} if args.quick else {1: 32, 4: 64, 16: 128}
+    new_tokens, repeats, prefix_len = (4, 1, 16) if args.quick else (32, 3, 16)
+    requests = {1: 2, 4: 4, 16: 16} if args.quick else {1: 16, 4: 32, 16: 64}
     result = {
         "setup": {
             "model": "SmolLM2-135M-Instruct",
