@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three short points per axis: a smoke test")
     args = parser.parse_args(argv)
-    batch, repeats = (2, 1) if args.quick else (2, 1)
+    batch, repeats = 2, 1  # one measured step per point after a warm-up step: sized for 2 cores
     prefixes = PREFIXES[:3] if args.quick else PREFIXES
     sequences = SEQUENCES[:2] if args.quick else SEQUENCES
     results = {"batch": batch, "by_prefix": [], "by_seq": []}
