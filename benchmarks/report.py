@@ -59,6 +59,12 @@ def _classification(r: dict) -> str:
                            "wall (s)", "lr"], rows), "",
            f"Low data: {r['low_data_size']} training examples, 5 epochs, seeds {r['seeds']}: test accuracy "
            "mean ± std.", "", markdown_table(["method", "accuracy", "wall (s, all seeds)"], few_rows)]  # fmt: skip
+    out += ["", "**Read with care.** At this size the full-size runs get only "
+            f"{-(-r['train_size'] // 32)} optimizer steps (1 epoch, batch 32): rows at 0.5321 accuracy and 0.3473 "
+            "macro-F1 predict the majority class of the test split and did not learn yet, full fine-tuning "
+            "included, so the 1-point target below compares undertrained runs. The low-data runs (5 epochs) "
+            "learn, and `prefixtune demo` (all 10,164 snippets, 318 steps) measured prefix tuning at 0.746 "
+            "against 0.694 for head-only."]
     rr = r["rows"]
     if "prefix" in rr and "full" in rr:
         p, f = rr["prefix"], rr["full"]
