@@ -8,7 +8,6 @@ already match, so conversion is a checked reshape. Reading never touches peft's 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +37,7 @@ def _read_peft_config(directory: Path) -> dict[str, Any]:
     path = directory / PEFT_CONFIG
     if not path.exists():
         raise PrefixTuneError(f"{str(directory)!r} is not a PEFT adapter folder: {PEFT_CONFIG} is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrefixTuneError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise PrefixTuneError(f"{path} must hold a JSON object")
+    config = serialization.read_json_object(path)
     kind = config.get("peft_type")
     if kind not in METHOD_OF:
         raise PrefixTuneError(

@@ -61,6 +61,17 @@ def save_prefix(directory: str | os.PathLike, config: dict, tensors: dict[str, t
     write_json(directory / CONFIG_NAME, {"format_version": FORMAT_VERSION, **config})
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file that must hold one object; anything else is a one-line PrefixTuneError."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrefixTuneError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PrefixTuneError(f"{path} must hold a JSON object")
+    return data
+
+
 def read_config(directory: str | os.PathLike) -> dict:
     """Read and parse the JSON config, refusing pickled checkpoints before anything is opened."""
     directory = Path(directory)
@@ -78,12 +89,7 @@ def read_config(directory: str | os.PathLike) -> dict:
         elif (directory / "adapter_config.json").exists():
             hint = "; it looks like a PEFT adapter: convert it with `prefixtune convert`"
         raise PrefixTuneError(f"{str(directory)!r} has no {CONFIG_NAME}{hint}")
-    try:
-        config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrefixTuneError(f"{directory / CONFIG_NAME} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise PrefixTuneError(f"{directory / CONFIG_NAME} must hold a JSON object")
+    config = read_json_object(directory / CONFIG_NAME)
     version = config.pop("format_version", None)
     if version != FORMAT_VERSION:
         raise PrefixTuneError(f"{directory / CONFIG_NAME}: unsupported format_version {version!r} (expected 1)")

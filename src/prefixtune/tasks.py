@@ -404,13 +404,7 @@ def read_train_info(directory: str | Path) -> dict:
     path = Path(directory) / TRAIN_INFO
     if not path.is_file():
         return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrefixTuneError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(info, dict):
-        raise PrefixTuneError(f"{path} must hold a JSON object")
-    return info
+    return serialization.read_json_object(path)
 
 
 def load_prefix(directory: str | Path, model_name: str | None = None) -> tuple[Any, Any, dict]:
