@@ -157,6 +157,34 @@ def test_matches_handwritten_reference_attention(family, base):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_grouped_keys_reach_sdpa_uncopied_with_the_stock_numbers(monkeypatch):
+    """On CPU grouped K/V go to SDPA as they are (no repeat_kv copy); logits and gradients stay the stock ones."""
+    from prefixtune import attention
+
+    model, kw = wrapped("llama"), inputs("llama")
+    taken = []
+    grouped = attention._grouped_sdpa
+    monkeypatch.setattr(attention, "_grouped_sdpa", lambda *a, **k: taken.append(grouped(*a, **k)) or taken[-1])
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits = model(**kw).logits
+        logits.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        return logits.detach(), grads
+
+    ours = step()
+    assert (
+        len(taken) == model.config.num_hidden_layers
+        and model.config.num_key_value_heads < model.config.num_attention_heads
+    )
+    monkeypatch.setattr(attention, "_grouped_sdpa", lambda *a, **k: None)  # the stock sdpa with repeat_kv
+    stock = step()
+    torch.testing.assert_close(ours[0], stock[0], atol=1e-6, rtol=1e-5)
+    for a, b in zip(ours[1], stock[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if tiny.kind(f) != "encoder"])
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_cached_generation_equals_uncached_greedy(family, method):
