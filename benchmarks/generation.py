@@ -4,7 +4,7 @@ Rows: zero-shot with a discrete text prompt, prompt tuning, prefix tuning, full 
 with the same template, data, steps and greedy decoding, on a budget that fits 2 CPU cores.
 
     python -m benchmarks.generation [--quick]
-    python -m benchmarks.generation --row prefix --train-size 400 --test-size 100
+    python -m benchmarks.generation --row prefix --train-size 640 --test-size 60
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     parser.add_argument("--row", choices=sorted(ROWS))
-    parser.add_argument("--train-size", type=int, default=120)
-    parser.add_argument("--test-size", type=int, default=40)
-    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--train-size", type=int, default=640, help="one epoch at batch 8: 80 steps")
+    parser.add_argument("--test-size", type=int, default=60)
+    parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.row:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, markdown_table
+from benchmarks.speed import TOP_HALF
 
 
 def _load(name: str, quick: bool) -> dict | None:
@@ -19,30 +20,44 @@ def _mark(ok: bool) -> str:
 
 
 def _speed(r: dict) -> str:
-    t, g, m = r["train_step_s"], r["generate_tok_s"], r["peak_step_memory_mb"]
+    t, g, m, rss = r["train_step_s"], r["generate_tok_s"], r["peak_step_memory_mb"], r["peak_rss_step_mb"]
     s = r["setup"]
-    rows = [[k, round(v, 3), round(v / t["prefixtune"], 2), round(m[k], 1)] for k, v in t.items()]
+    rows = [[k, round(v, 3), round(v / t["prefixtune"], 2), round(m[k], 1), round(rss[k])] for k, v in t.items()]
     out = [f"SmolLM2-135M, batch {s['batch']}, {s['seq']} tokens, prefix {s['prefix']}, {s['threads']} threads; "
-           f"medians of {s['repeats']} alternating repeats. Peak step memory: resident memory above the loaded "
-           "model during a training step, each variant in its own process.", "",
-           markdown_table(["training step", "seconds", "× prefixtune", "peak step memory (MiB)"], rows), ""]  # fmt: skip
+           f"medians of {s['repeats']} alternating repeats. Peak step memory: the exact peak of tensor memory "
+           "that one training step creates (forward, loss, backward, gradients; `benchmarks/tensor_memory.py`), "
+           "each variant in its own process; it is the same on every run. Beside it, resident memory above the "
+           "loaded model, sampled every 2 ms, which swings by tens of MiB between runs because the allocator "
+           "keeps freed pages. The top-half row is not a target row: it puts the prefix on layers 15-29 only, "
+           "so the backward pass stops halfway.", "",
+           markdown_table(["training step", "seconds", "× prefixtune", "peak step memory (MiB)",
+                           "sampled RSS (MiB)"], rows), ""]  # fmt: skip
     gen_rows = [[k, round(v, 1), round(v / g["base model"], 3)] for k, v in g.items()]
     out += [f"Generation: batch {s['gen_batch']}, {s['new_tokens']} new tokens, greedy.", "",
             markdown_table(["generation", "tokens/s", "× base model"], gen_rows), ""]  # fmt: skip
-    ours, peft, frozen = t["prefixtune"], t.get("PEFT prefix tuning"), t["frozen, no prefix"]
+    ours, peft, frozen = t["prefixtune"], t["PEFT prefix tuning"], t["frozen, no prefix"]
     c = r["checkpointing"]
-    cut = 1 - c["on"]["peak_rss_mb"] / c["off"]["peak_rss_mb"]  # the process's whole peak, weights included
+    cut = 1 - c["on"]["peak_tensor_mb"] / c["off"]["peak_tensor_mb"]
     targets = [
-        ["training step ≤ 0.85 × PEFT", f"{ours / peft:.2f} ×" if peft else "n/a", _mark(bool(peft) and ours <= 0.85 * peft)],
+        ["training step ≤ 0.85 × PEFT", f"{ours / peft:.2f} ×", _mark(ours <= 0.85 * peft)],
         ["training step ≤ 1.05 × frozen no-prefix", f"{ours / frozen:.2f} ×", _mark(ours <= 1.05 * frozen)],
         ["generation ≥ 0.97 × base", f"{g['prefixtune'] / g['base model']:.3f} ×", _mark(g["prefixtune"] >= 0.97 * g["base model"])],
-        ["peak memory ≤ PEFT", f"{m['prefixtune']:.0f} vs {m.get('PEFT prefix tuning', float('nan')):.0f} MiB",
-         _mark(m["prefixtune"] <= m.get("PEFT prefix tuning", 0))],
+        ["peak memory ≤ PEFT", f"{m['prefixtune']:.1f} vs {m['PEFT prefix tuning']:.1f} MiB",
+         _mark(m["prefixtune"] <= m["PEFT prefix tuning"])],
         [f"checkpointing cuts peak memory ≥ 40% at {s['checkpointing_seq']} tokens",
-         f"peak RSS {c['off']['peak_rss_mb']:.0f} → {c['on']['peak_rss_mb']:.0f} MiB ({100 * cut:.0f}%); step memory above "
-         f"the loaded model {c['off']['peak_mb']:.0f} → {c['on']['peak_mb']:.0f} MiB", _mark(cut >= 0.40)],
+         f"{c['off']['peak_tensor_mb']:.0f} → {c['on']['peak_tensor_mb']:.0f} MiB ({100 * cut:.0f}% less)",
+         _mark(cut >= 0.40)],
     ]  # fmt: skip
-    return "\n".join(out + [markdown_table(["target", "measured", ""], targets)])
+    floor = frozen / peft
+    out += [markdown_table(["target", "measured", ""], targets), "",
+            f"**Why ≤ 0.85 × PEFT is out of reach here.** A prefix on every layer gets its gradient only through "
+            f"the frozen model's whole forward pass and its backward pass down to layer 0, which is exactly the "
+            f"frozen no-prefix row: that floor measured {floor:.2f} × PEFT, so no implementation of the same "
+            f"computation can reach 0.85 × (prefixtune sits {ours / frozen:.2f} × above the floor, PEFT "
+            f"{peft / frozen:.2f} ×). The issue's reference run (PEFT 2.09 s/step, full fine-tuning 3.73 s) "
+            "left room that PEFT 0.21 under transformers 5 no longer leaves. What does cut the step is a "
+            f"shorter backward pass: the top-half row measured {t[TOP_HALF] / peft:.2f} × PEFT."]  # fmt: skip
+    return "\n".join(out)
 
 
 def _classification(r: dict) -> str:
@@ -51,20 +66,18 @@ def _classification(r: dict) -> str:
         f = row["full"]
         rows.append([row["label"], f["accuracy"], f["macro_f1"], f"{f['trainable']:,} ({f['percent']:.3f}%)",
                      f"{f['train_s']:.0f}", f"{f['peak_rss_mb']:.0f}", f"{f['wall_s']:.0f}", row["lr"]])  # fmt: skip
-        few_rows.append([row["label"], f"{row['few_mean']:.4f} ± {row['few_std']:.4f}",
+        few_rows.append([row["label"], f"{row['few_mean']:.4f} ± {row['few_std']:.4f}", row["few_lr"],
                          f"{sum(x['wall_s'] for x in row['few']):.0f}"])  # fmt: skip
-    out = [f"MiniLM (frozen) on the Rotten Tomatoes test split (split by movie); {r['train_size']} training "
-           "examples, 1 epoch. Learning rate chosen per row on the validation split (2-point grid).", "",
+    full_steps = 3 * -(-r["train_size"] // 32)
+    out = [f"MiniLM (all-MiniLM-L6-v2, frozen except where a row trains it) on the Rotten Tomatoes test split "
+           f"(split by movie); {r['train_size']} training examples, 3 epochs at batch 32 ({full_steps} steps). "
+           "Each row trains once per learning rate of its 2-point grid; the run with the better accuracy on "
+           "400 validation examples is the one reported, so the test split chose nothing.", "",
            markdown_table(["method", "accuracy", "macro-F1", "trainable params", "train (s)", "peak RSS (MiB)",
                            "wall (s)", "lr"], rows), "",
-           f"Low data: {r['low_data_size']} training examples, 5 epochs, seeds {r['seeds']}: test accuracy "
-           "mean ± std.", "", markdown_table(["method", "accuracy", "wall (s, all seeds)"], few_rows)]  # fmt: skip
-    out += ["", "**Read with care.** At this size the full-size runs get only "
-            f"{-(-r['train_size'] // 32)} optimizer steps (1 epoch, batch 32): rows at 0.5321 accuracy and 0.3473 "
-            "macro-F1 predict the majority class of the test split and did not learn yet, full fine-tuning "
-            "included, so the 1-point target below compares undertrained runs. The low-data runs (5 epochs) "
-            "learn, and `prefixtune demo` (all 10,164 snippets, 318 steps) measured prefix tuning at 0.746 "
-            "against 0.694 for head-only."]
+           f"Low data: {r['low_data_size']} training examples, 5 epochs at batch 16, learning rate picked on "
+           f"validation at seed {r['seeds'][0]}, then seeds {r['seeds']}: test accuracy mean ± std.", "",
+           markdown_table(["method", "accuracy", "lr", "wall (s, all seeds)"], few_rows)]  # fmt: skip
     rr = r["rows"]
     if "prefix" in rr and "full" in rr:
         p, f = rr["prefix"], rr["full"]
@@ -109,7 +122,8 @@ def _generation(r: dict) -> str:
             for row in r["rows"].values()]  # fmt: skip
     first = next(iter(r["rows"].values()))
     out = [f"SmolLM2-135M, BBC headline generation: {first['train_size']} training articles (1 epoch, batch 8), "
-           f"{first['test_size']} test articles, greedy, 20 new tokens.", "",
+           f"{first['test_size']} test articles, greedy, 20 new tokens. Every trained row uses the same template, "
+           "data, steps and a fixed learning rate (prompt 3e-2, prefix 1e-2, full fine-tuning 5e-5).", "",
            markdown_table(["method", "ROUGE-1", "ROUGE-2", "ROUGE-L", "BLEU", "trainable", "steps", "train (s)",
                            "wall (s)"], rows)]  # fmt: skip
     rr = r["rows"]
@@ -139,8 +153,8 @@ def _serving(r: dict) -> str:
 
 
 def _scaling(r: dict) -> str:
-    rows = [[p["prefix"], 64, round(p["step_s"], 3), round(p["peak_mb"], 1)] for p in r["by_prefix"]]
-    rows += [[16, p["seq"], round(p["step_s"], 3), round(p["peak_mb"], 1)] for p in r["by_seq"]]
+    rows = [[p["prefix"], 64, round(p["step_s"], 3), round(p["peak_tensor_mb"], 1)] for p in r["by_prefix"]]
+    rows += [[16, p["seq"], round(p["step_s"], 3), round(p["peak_tensor_mb"], 1)] for p in r["by_seq"]]
     return (f"SmolLM2-135M, prefixtune, batch {r['batch']}; prefix 0 is the frozen model without a prefix.\n\n"
             + markdown_table(["prefix length", "sequence length", "train step (s)", "peak step memory (MiB)"], rows)
             + "\n\n![scaling](benchmarks/results/scaling.png)")  # fmt: skip

@@ -1,6 +1,7 @@
 """Scaling: train-step time and peak step memory against prefix length and against sequence length.
 
-SmolLM2-135M, prefixtune, one process per point (so memory is the point's own). Prefix length 0 is
+SmolLM2-135M, prefixtune, one process per point; memory is the exact peak tensor memory of a step
+(`benchmarks/tensor_memory.py`). Prefix length 0 is
 the frozen model with no prefix (forward + backward to the inputs).
 
     python -m benchmarks.scaling [--quick]
@@ -35,7 +36,7 @@ def plot(results: dict, path: str) -> None:
         pts = results[key]
         x = [p[xs] for p in pts]
         axes[0][col].plot(x, [p["step_s"] for p in pts], "o-")
-        axes[1][col].plot(x, [p["peak_mb"] for p in pts], "o-", color="C1")
+        axes[1][col].plot(x, [p["peak_tensor_mb"] for p in pts], "o-", color="C1")
         axes[0][col].set_ylabel("train step (s)")
         axes[1][col].set_ylabel("peak step memory (MiB)")
         for ax in (axes[0][col], axes[1][col]):
