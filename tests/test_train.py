@@ -10,8 +10,9 @@ import tinysaved
 import torch
 
 from prefixtune import attach, serialization
+from prefixtune.checkpoints import _flatten_optimizer, _unflatten_optimizer
 from prefixtune.errors import PrefixTuneError
-from prefixtune.train import OPTIMIZERS, TrainConfig, _flatten_optimizer, _unflatten_optimizer, train
+from prefixtune.train import OPTIMIZERS, TrainConfig, train
 
 LM_ROWS = tinysaved.copy_rows(48)
 CLS_ROWS = [

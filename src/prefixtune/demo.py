@@ -195,7 +195,8 @@ def run_demo(
     from prefixtune import tasks
     from prefixtune.assets import load_builtin_dataset, minilm_path
     from prefixtune.model import PrefixModel, attach
-    from prefixtune.train import TrainConfig, summary_table, train
+    from prefixtune.run_log import summary_table
+    from prefixtune.train import TrainConfig, train
 
     wall = time.perf_counter()
     cores = threads or torch.get_num_threads()

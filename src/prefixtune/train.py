@@ -2,8 +2,8 @@
 
 One code path serves one CPU and many GPUs: `Accelerator.prepare` wraps the model, optimizer,
 data and schedule; only the main process evaluates, logs and writes files. Everything written is
-atomic (temporary file, fsync, rename) and nothing is pickled: a checkpoint is safetensors + JSON,
-and it resumes exactly (optimizer, scheduler, every RNG, and the position inside the epoch).
+atomic (temporary file, fsync, rename) and nothing is pickled. Checkpoints that resume exactly live
+in `checkpoints.py`; the metrics log, curves and summary table in `run_log.py`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import random
 import shutil
 import sys
 import time
@@ -22,27 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as safetensors_bytes
 
 from prefixtune import serialization, tasks
+from prefixtune.checkpoints import CHECKPOINTS, LATEST, TrainState, load_checkpoint, save_checkpoint
 from prefixtune.data import collate
 from prefixtune.errors import PrefixTuneError
+from prefixtune.run_log import CURVES, METRICS_LOG, MetricsLog, plot_curves, summary_table
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
 SCHEDULERS = ("linear", "cosine", "constant")
-METRICS_LOG = "metrics.jsonl"
-CURVES = "curves.png"
-CHECKPOINTS = "checkpoints"
-LATEST = "latest.json"
-# Settings that must match for a checkpoint to resume exactly.
-RESUME_KEYS = ("batch_size", "grad_accum", "seed", "optimizer", "scheduler", "learning_rate", "epochs", "max_steps")
-# Test hook, for the kill test in tests/test_reliability.py only: when this environment variable holds a step
-# number, the checkpoint of that step prints a marker line to stderr and sleeps after `latest.json`'s temporary
-# file is written but before it is renamed into place, so a test can SIGKILL the run in the middle of the save.
-TEST_PAUSE_ENV = "PREFIXTUNE_TEST_PAUSE_IN_CHECKPOINT"
 
 
 def _has_accelerator() -> bool:
@@ -142,20 +129,6 @@ class TrainConfig:
 
 
 @dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint as JSON."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
-    best: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0
-    seconds: float = 0.0
-    skipped_steps: int = 0  # steps skipped for NaN/inf loss or gradients (skip_bad_batches)
-
-
-@dataclass
 class TrainResult:
     """What `train` returns: where things went and how it ended."""
 
@@ -242,220 +215,6 @@ def better(name: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value < best if name in ("loss", "perplexity") else value > best
-
-
-# ------------------------------------------------------------------------------- optimizer state I/O
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state_dict -> (tensors for safetensors, everything else for JSON)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, slots in state["state"].items():
-        for name, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
-    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, slots in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(slots)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    """Every RNG that training touches, as uint8/uint32 tensors plus JSON."""
-    version, internal, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_keys.astype(np.int64))}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    meta = {"python": [version, list(internal), gauss], "numpy": [np_kind, int(np_pos), int(np_has_gauss), np_gauss]}
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise PrefixTuneError(f"checkpoint file {path} is unreadable: {exc}") from None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrefixTuneError(f"checkpoint file {path} is missing or not valid JSON: {exc}") from None
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(
-    directory: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, state: TrainState, cfg: TrainConfig
-) -> None:
-    """Write one resumable checkpoint; it counts only once `latest.json` points at it (written last)."""
-    root = directory / CHECKPOINTS
-    path = root / f"step-{state.step:07d}"
-    rank = accelerator.process_index
-    tensors, meta = _rng_state()
-    serialization.write_bytes(path / f"rng-{rank}.safetensors", safetensors_bytes(tensors))
-    serialization.write_json(path / f"rng-{rank}.json", meta)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(path / "prefix", keep_reparam=True)
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        serialization.write_bytes(path / "optimizer.safetensors", safetensors_bytes(opt_tensors))
-        serialization.write_json(path / "optimizer.json", opt_meta)
-        serialization.write_json(path / "scheduler.json", scheduler.state_dict())
-        serialization.write_json(
-            path / "state.json",
-            {
-                "state": dataclasses.asdict(state),
-                "config": dataclasses.asdict(cfg),
-                "processes": accelerator.num_processes,
-            },
-        )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with serialization.atomic_path(root / LATEST) as handle:  # the commit point of the checkpoint
-            handle.write((json.dumps({"checkpoint": path.name, "step": state.step}, indent=2) + "\n").encode())
-            _test_pause(state.step, handle)
-        for old in root.glob("step-*"):
-            if old.name != path.name:
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in [*root.glob(".*.tmp"), *path.glob(".*.tmp")]:  # left by a save killed before its rename
-            stale.unlink(missing_ok=True)
-
-
-def _test_pause(step: int, handle: Any) -> None:
-    """Test hook (see TEST_PAUSE_ENV): hold the save of checkpoint `step` open, so a test can kill the run there."""
-    wanted = os.environ.get(TEST_PAUSE_ENV)
-    if wanted and wanted.strip() == str(step):
-        handle.flush()  # the temporary file now holds the new content; only the rename is missing
-        print(f"{TEST_PAUSE_ENV}: paused in checkpoint step {step}", file=sys.stderr, flush=True)
-        time.sleep(600)
-
-
-def load_checkpoint(
-    directory: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, cfg: TrainConfig
-) -> TrainState:
-    """Restore everything `save_checkpoint` wrote, refusing a checkpoint made with other settings."""
-    root = directory / CHECKPOINTS
-    if not (root / LATEST).is_file():
-        raise PrefixTuneError(f"--resume: no checkpoint in {root} (expected {root / LATEST})")
-    path = root / _read_json(root / LATEST)["checkpoint"]
-    saved = _read_json(path / "state.json")
-    changed = [k for k in RESUME_KEYS if saved["config"].get(k) != getattr(cfg, k)]
-    if changed:
-        diff = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise PrefixTuneError(f"--resume: settings differ from the checkpoint in {path} ({diff}); use the same ones")
-    if saved.get("processes", 1) != accelerator.num_processes:
-        raise PrefixTuneError(
-            f"--resume: the checkpoint was written by {saved.get('processes')} processes, "
-            f"this run has {accelerator.num_processes}"
-        )
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_tensors(serialization.read_tensors(path / "prefix"), source=str(path / "prefix"))
-    optimizer.load_state_dict(
-        _unflatten_optimizer(_read_safetensors(path / "optimizer.safetensors"), _read_json(path / "optimizer.json"))
-    )
-    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
-    rank = accelerator.process_index
-    _set_rng_state(_read_safetensors(path / f"rng-{rank}.safetensors"), _read_json(path / f"rng-{rank}.json"))
-    return TrainState(**saved["state"])
-
-
-# -------------------------------------------------------------------------------------- logging
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, appended and fsynced so a crash loses at most one line."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def restart(self, resume_step: int | None) -> None:
-        """A fresh run empties the log; a resumed one drops lines written after its checkpoint."""
-        if not self.enabled:
-            return
-        keep = [r for r in self.records() if resume_step is not None and r.get("step", 0) <= resume_step]
-        serialization.write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-        return out
-
-
-def plot_curves(records: Sequence[dict], path: Path) -> None:
-    """Loss (train and eval) and eval metrics against steps, rendered in memory and written atomically."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
-    evals = [r for r in records if r.get("split") == "eval"]
-    names = sorted({k for r in evals for k in r if k not in ("split", "step", "epoch", "loss", "perplexity")})
-    fig, axes = plt.subplots(1, 2 if names else 1, figsize=(11 if names else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", alpha=0.8)
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss")
-    ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
-    ax.legend()
-    if names:
-        ax = axes[0][1]
-        for name in names:
-            ax.plot([r["step"] for r in evals if name in r], [r[name] for r in evals if name in r], "o-", label=name)
-        ax.set(xlabel="step", title="evaluation metrics")
-        ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    serialization.write_bytes(path, buffer.getvalue())
-
-
-def summary_table(rows: Sequence[tuple[str, Any]]) -> str:
-    """A two-column text table, for the end of a run."""
-    cells = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in rows]
-    width = max(len(k) for k, _ in cells)
-    vwidth = max(len(v) for _, v in cells)
-    line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
-    body = [f"| {k:<{width}} | {v:>{vwidth}} |" for k, v in cells]
-    return "\n".join([line, *body, line])
 
 
 # ------------------------------------------------------------------------------------------- loop
