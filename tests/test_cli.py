@@ -11,7 +11,7 @@ import sys
 import pytest
 import tinysaved
 
-from prefixtune import cli
+from prefixtune import cli, options
 from prefixtune.errors import PrefixTuneError
 
 
@@ -152,11 +152,11 @@ def test_train_then_generate(assets, tmp_path, capsys, family):
 def test_recipe_values_are_overridden_by_flags(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: minilm\nlearning-rate: 1e-2\nepochs: 2\nlayers: [0, 1]\n")
-    opts = cli.resolve_options("train", {"recipe": str(recipe), "epochs": 5})
+    opts = options.resolve_options("train", {"recipe": str(recipe), "epochs": 5})
     assert opts["epochs"] == 5 and opts["learning_rate"] == 0.01 and opts["layers"] == [0, 1]
     assert opts["model"] == "minilm" and opts["batch_size"] == 16  # untouched defaults
     (tmp_path / "r.json").write_text(json.dumps({"optimizer": "sgd"}))
-    assert cli.resolve_options("train", {"recipe": str(tmp_path / "r.json")})["optimizer"] == "sgd"
+    assert options.resolve_options("train", {"recipe": str(tmp_path / "r.json")})["optimizer"] == "sgd"
 
 
 def test_hub_dataset_path_maps_columns(monkeypatch):
@@ -167,7 +167,7 @@ def test_hub_dataset_path_maps_columns(monkeypatch):
         "validation": [{"sentence": "x", "y": 1}],
     }
     monkeypatch.setattr(prefixtune.data, "load_hub_dataset", lambda name, config=None: fake)
-    opts = cli.resolve_options("train", {"hub_dataset": "some/set", "text_column": "sentence", "label_column": "y"})
+    opts = options.resolve_options("train", {"hub_dataset": "some/set", "text_column": "sentence", "label_column": "y"})
     splits, names = cli.load_data(opts)
     assert splits["train"] == [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
     assert names == ["0", "1"] and set(splits) == {"train", "validation"}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import tinysaved
 
-from prefixtune import cli, serialization
+from prefixtune import cli, options, serialization
+from prefixtune.train import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -38,9 +39,9 @@ def test_seed_trainer_script_trains_and_saves_a_prefix(tmp_path):
 
 @pytest.mark.parametrize("name", ["sentiment.yaml", "headlines.yaml"])
 def test_recipes_are_valid_train_options(name):
-    opts = cli.resolve_options("train", {"recipe": str(EXAMPLES / "recipes" / name)})
+    opts = options.resolve_options("train", {"recipe": str(EXAMPLES / "recipes" / name)})
     assert opts["model"] in ("minilm", "smollm2") and opts["dataset"]
-    cli.TrainConfig(**{k: opts[k] for k in cli.TrainConfig.fields_help()})  # every value passes validation
+    TrainConfig(**{k: opts[k] for k in TrainConfig.fields_help()})  # every value passes validation
     cli._prefix_config(opts, opts["seed"])
 
 

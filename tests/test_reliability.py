@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from prefixtune import attach, recipes, serialization, tasks
 from prefixtune.checkpoints import CHECKPOINTS, LATEST, TEST_PAUSE_ENV
-from prefixtune.cli import VERB_OPTIONS
 from prefixtune.errors import PrefixTuneError
+from prefixtune.options import VERB_OPTIONS
 from prefixtune.train import TrainConfig, train
 
 ROWS = tinysaved.copy_rows(48)

@@ -1,8 +1,9 @@
 """`prefixtune`: train, evaluate, predict, generate, demo and info from the command line.
 
 Every verb is also a Python function here (`train(**options)`, `evaluate(...)`, ...) taking the
-same option names as the flags, with underscores. Options can also come from a YAML/JSON recipe
-(`--recipe`); flags given on the command line win. Mistakes print one `error: ...` line and exit 2.
+same option names as the flags, with underscores (declared in `options.py`). Options can also come
+from a YAML/JSON recipe (`--recipe`); flags given on the command line win. Mistakes print one
+`error: ...` line and exit 2.
 """
 
 from __future__ import annotations
@@ -11,229 +12,16 @@ import argparse
 import dataclasses
 import json
 import sys
-import typing
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefixtune import recipes, serialization
+from prefixtune import serialization
 from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
+from prefixtune.options import RECIPE, VERB_HELP, VERB_OPTIONS, Option, resolve_options
 from prefixtune.train import TrainConfig, TrainResult
-
-# ------------------------------------------------------------------------------------------ options
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option, shared by the flag parser, recipes and the Python functions."""
-
-    name: str
-    type: Any = str  # str, int, float, bool, "ints", "strs"
-    default: Any = None
-    help: str = ""
-    choices: tuple[str, ...] | None = None
-    flag: str | None = None  # defaults to --name-with-dashes
-
-    @property
-    def flag_name(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
-
-
-def _prefix_help(name: str) -> str:
-    return next(f.metadata["help"] for f in dataclasses.fields(PrefixConfig) if f.name == name)
-
-
-def _from_dataclass(cls: type, skip: Sequence[str] = (), rename: dict[str, str] | None = None) -> list[Option]:
-    """Options built from a dataclass, so the --help text is the dataclass's own documentation."""
-    hints = typing.get_type_hints(cls)
-    rename = rename or {}
-    out = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        base = args[0] if args else hint
-        kind: Any = base
-        if typing.get_origin(base) is list:
-            kind = "ints" if typing.get_args(base)[0] is int else "strs"
-        default = f.default if f.default is not dataclasses.MISSING else None
-        out.append(Option(rename.get(f.name, f.name), kind, default, f.metadata.get("help", "")))
-    return out
-
-
-MODEL_OPTIONS = [
-    Option("model", str, None, "Base model: 'minilm', 'smollm2' (bundled, offline), a local folder or a hub name."),
-    Option(
-        "task",
-        str,
-        "auto",
-        "classification | causal_lm | seq2seq_lm. auto: classification when the data has labels, "
-        "else causal or seq2seq LM from the model.",
-        ("auto", "classification", "causal_lm", "seq2seq_lm"),
-    ),
-]
-DATA_OPTIONS = [
-    Option("dataset", str, None, "A bundled data set (research use): rotten_tomatoes | bbc_topic | bbc_headline."),
-    Option("train_file", str, None, "Training data: .csv, .tsv, .json (list of objects) or .jsonl."),
-    Option("validation_file", str, None, "Validation data, same format; used for evaluation during training."),
-    Option("test_file", str, None, "Test data, same format; scored after training and by `evaluate`."),
-    Option("hub_dataset", str, None, "A Hugging Face hub data set name (needs the network)."),
-    Option("hub_config", str, None, "Configuration name of the hub data set."),
-    Option("text_column", str, "text", "Column holding the input text."),
-    Option("label_column", str, "label", "Column holding the class label (classification)."),
-    Option("target_column", str, None, "Column holding the target text (generation); setting it means generation."),
-    Option("data_seed", int, 0, "Seed of the bundled data sets' train/validation/test split."),
-    Option("max_train_samples", int, None, "Use only the first N training rows."),
-    Option("max_eval_samples", int, None, "Use only the first N validation/test rows."),
-]
-PREFIX_OPTIONS = [
-    *_from_dataclass(PrefixConfig, skip=("task", "seed", "text", "head_modules", "position_offset")),
-    Option("prefix_text", str, None, _prefix_help("text")),
-    Option("head_modules", "strs", None, _prefix_help("head_modules")),
-]
-TRAIN_OPTIONS = _from_dataclass(TrainConfig)
-RECIPE = Option("recipe", str, None, "YAML or JSON file of options (same names as the flags); flags win.")
-PREFIX_DIR = Option("prefix", str, None, "Folder of a saved prefix (the output folder of `train`).", flag="--prefix")
-OUTPUT = Option("output", str, None, "Write here (atomically) instead of stdout; .csv gives CSV, else JSONL.")
-FORMAT = Option("format", str, None, "Output format: jsonl | csv (default: from the output suffix).", ("jsonl", "csv"))
-GEN_OPTIONS = [
-    Option("max_new_tokens", int, 32, "Most tokens to generate per text."),
-    Option("num_beams", int, 1, "Beam search width (1: greedy)."),
-    Option("do_sample", bool, False, "Sample instead of greedy/beam decoding."),
-    Option("temperature", float, 1.0, "Sampling temperature."),
-    Option("top_p", float, 1.0, "Nucleus sampling threshold."),
-]
-EVAL_OPTIONS = [
-    PREFIX_DIR,
-    Option("model", str, None, "Base model; default: the one recorded when the prefix was trained."),
-    *[o for o in DATA_OPTIONS if o.name not in ("train_file", "validation_file", "max_train_samples")],
-    Option("split", str, "test", "Which split of a bundled or hub data set to score.", ("train", "validation", "test")),
-    Option("batch_size", int, 64, "Examples per forward pass."),
-    Option("max_length", int, None, "Longest input, prefix included; default: the value used in training."),
-    Option("max_new_tokens", int, 32, "Tokens to generate when scoring generation."),
-    Option("bf16", bool, False, "bfloat16 autocast."),
-    Option("output", str, None, "Also write the metrics as JSON here (atomically)."),
-]
-PREDICT_OPTIONS = [
-    PREFIX_DIR,
-    Option("model", str, None, "Base model; default: the one recorded when the prefix was trained."),
-    Option("input", str, None, "Texts: a .csv/.json/.jsonl file (its --text-column), a .txt file, or - for stdin."),
-    Option("text_column", str, "text", "Column of the input file holding the text."),
-    OUTPUT,
-    FORMAT,
-    Option("batch_size", int, 64, "Examples per forward pass."),
-    Option("max_length", int, None, "Longest input, prefix included; default: the value used in training."),
-]
-GENERATE_OPTIONS = [
-    *PREDICT_OPTIONS[:2],
-    Option("prompt", "strs", None, "A text to continue or transform; repeat the flag for several."),
-    *PREDICT_OPTIONS[2:],
-    *GEN_OPTIONS,
-]
-INFO_OPTIONS = [
-    PREFIX_DIR,
-    Option("model", str, None, "Also check whether the prefix fits this base model."),
-    Option("json", bool, False, "Print the information as JSON."),
-]
-DEMO_OPTIONS = [
-    Option("output_dir", str, "prefixtune-demo", "Folder for the demo's prefix and logs."),
-    Option("train_samples", int, None, "Use only N training snippets (default: all 10,164)."),
-    Option("epochs", int, 1, "Passes over the training snippets."),
-    Option("num_virtual_tokens", int, 16, _prefix_help("num_virtual_tokens")),
-    Option("learning_rate", float, 5e-2, "Peak learning rate of the prefix (and of the head)."),
-    Option("seed", int, 42, "Seed of the run."),
-    Option("threads", int, None, "CPU threads for torch (default: the faster of 1 and all cores, measured)."),
-]
-CONVERT_OPTIONS = [
-    Option("model", str, None, "Base model the prefix belongs to ('smollm2', a folder or a hub name)."),
-    Option("source", str, None, "A PEFT adapter folder (converted to prefixtune) or a prefixtune prefix folder."),
-    Option("output", str, None, "Folder to write the converted prefix or adapter to."),
-]
-VERB_OPTIONS: dict[str, list[Option]] = {
-    "train": [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS],
-    "evaluate": EVAL_OPTIONS,
-    "predict": PREDICT_OPTIONS,
-    "generate": GENERATE_OPTIONS,
-    "info": INFO_OPTIONS,
-    "demo": DEMO_OPTIONS,
-    "convert": CONVERT_OPTIONS,
-}
-VERB_HELP = {
-    "train": "Train a prefix on a frozen model and save it (with metrics.jsonl, curves.png, checkpoints).",
-    "evaluate": "Score a saved prefix: accuracy and macro-F1, or ROUGE-1/2/L and BLEU.",
-    "predict": "Classify (or generate for) texts from a file or stdin; write JSONL or CSV.",
-    "generate": "Generate text with a causal-LM or seq2seq prefix.",
-    "demo": "Train a sentiment prefix on MiniLM + Rotten Tomatoes beside a head-only baseline (about 3 minutes).",
-    "info": "Show what a saved prefix holds and which base model it fits.",
-    "convert": "Convert a PEFT PrefixTuning/PromptTuning adapter to a prefixtune prefix, or back.",
-    "serve": "Serve many prefixes of one frozen model over an OpenAI-compatible HTTP API.",
-}
-
-
-EXPECTED = {
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    str: "a string",
-    "ints": "a list of integers",
-    "strs": "a list of strings",
-}
-
-
-def _coerce(option: Option, value: Any, source: str) -> Any:
-    """Check a recipe/Python value against the option's type (YAML reads '1e-2' as a string)."""
-    if value is None:
-        return None
-    kind = option.type
-    try:
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if kind is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if kind in ("ints", "strs"):
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list):
-                raise TypeError
-            return [int(v) for v in items] if kind == "ints" else [str(v).strip() for v in items]
-        if not isinstance(value, str):
-            raise TypeError
-    except (TypeError, ValueError, OverflowError):
-        expected = EXPECTED.get(kind, str(kind))
-        raise PrefixTuneError(f"{source}option {option.name!r} must be {expected}, got {value!r}") from None
-    if option.choices and value not in option.choices:
-        raise PrefixTuneError(
-            f"{source}option {option.name!r} must be one of {', '.join(option.choices)}, got {value!r}"
-        )
-    return value
-
-
-def resolve_options(verb: str, given: dict[str, Any]) -> dict[str, Any]:
-    """Defaults, overridden by the recipe (if any), overridden by `given` (flags or keyword arguments)."""
-    options = {o.name: o for o in VERB_OPTIONS[verb]}
-    given = dict(given)
-    recipe_path = given.pop("recipe", None)
-    unknown = sorted(set(given) - set(options))
-    if unknown:
-        raise PrefixTuneError(f"unknown option(s) for {verb}: {', '.join(unknown)}")
-    recipe = recipes.load_recipe(recipe_path, options) if recipe_path else {}
-    merged = recipes.merge(recipe, given)
-    out = {name: o.default for name, o in options.items()}
-    for name, value in merged.items():
-        source = f"recipe {recipe_path}: " if name in recipe and given.get(name) is None else ""
-        out[name] = _coerce(options[name], value, source)
-    return out
 
 
 # -------------------------------------------------------------------------------------------- data
