@@ -178,8 +178,8 @@ def write(path: Path, quick: bool = False) -> None:
              + ", ".join(f"{k} {v}" for k, v in machine.items()) + ". Every figure below was measured by that "
              "command on this machine; results are in `benchmarks/results/`.", "",
              "Seeds: every random choice is seeded. Data shuffles, prefix initialisation and new heads use the "
-             "row's `--seed` (0 unless a table lists seeds); the speed, scaling and serving inputs are random token ids "
-             "drawn from `torch.Generator` seeds 0 and 1. Decoding is greedy everywhere.", ""]  # fmt: skip
+             "row's `--seed` (0 unless a table lists seeds); the speed, scaling and serving inputs are random "
+             "token ids drawn under fixed torch seeds (0 and 1). Decoding is greedy everywhere.", ""]  # fmt: skip
     for name, title, render in SECTIONS:
         result = _load(name, quick)
         lines += [f"## {title}", ""]
