@@ -111,7 +111,8 @@ def run_group(quick: bool, train_size: int) -> dict:
     low, seeds = (64, [0]) if quick else (200, [0, 1, 2])
     size = 256 if quick else train_size
     common = ["--eval-size", "100" if quick else "400"] + (["--epochs", "1"] if quick else [])
-    results: dict = {"rows": {}, "train_size": size, "low_data_size": low, "seeds": seeds}
+    results: dict = {"rows": {}, "train_size": size, "low_data_size": low, "seeds": seeds,
+                     "validation_size": int(common[1])}  # fmt: skip
     for name, (label, grid) in rows.items():
         grid = grid[:1] if quick else grid
         full, tried = _pick(name, grid, ["--train-size", str(size), *common])

@@ -1,7 +1,7 @@
 """Run the benchmark groups and write BENCHMARKS.md (tables) with PNG plots beside it.
 
     python -m benchmarks.run                       # every group, full size (make bench)
-    python -m benchmarks.run --quick               # every group, smoke-test size (make bench-quick)
+    python -m benchmarks.run --quick               # smoke-test size, to benchmarks/results/BENCHMARKS-quick.md
     python -m benchmarks.run --groups speed,serving
     python -m benchmarks.run --report-only         # rebuild BENCHMARKS.md from benchmarks/results/*.json
 
@@ -46,13 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "BENCHMARKS-quick.md" if args.quick else Path("BENCHMARKS.md")  # a smoke test keeps the report
     (RESULTS / "machine.json").write_text(json.dumps(machine(), indent=2))
     if not args.report_only:
         for name in args.groups.split(","):
             print(f"== {name}", flush=True)
             run_group(name, args.quick)
-            report.write(Path("BENCHMARKS.md"), quick=args.quick)
-    report.write(Path("BENCHMARKS.md"), quick=args.quick)
+            report.write(out, quick=args.quick)
+    report.write(out, quick=args.quick)
 
 
 if __name__ == "__main__":
