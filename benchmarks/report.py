@@ -197,4 +197,6 @@ def write(path: Path, quick: bool = False) -> None:
         seconds = timings.get(name + ("-quick" if quick else ""))
         lines += [f"Command: `python -m benchmarks.{name}{' --quick' if quick else ''}`"
                   + (f" (group wall time {seconds / 60:.1f} min)." if seconds else "."), "", render(result), ""]  # fmt: skip
+        if result.get("note"):  # written by hand into the results file: how the run went, never a figure
+            lines += [f"Note on this run: {result['note']}", ""]
     path.write_text("\n".join(lines))
