@@ -29,7 +29,6 @@ from prefixtune.assets import smollm2_path
 
 TOP_HALF = "prefixtune, top half of layers"  # not a target row: what a shorter backward pass buys
 TRAIN_VARIANTS = ("prefixtune", "PEFT prefix tuning", "frozen, no prefix", "full fine-tuning", TOP_HALF)
-GEN_VARIANTS = ("prefixtune", "PEFT prefix tuning", "base model")
 
 
 def rss_mb() -> float:
@@ -137,7 +136,8 @@ def run_group(quick: bool) -> dict:
     path = smollm2_path()
     batch_size, seq, prefix, gen_batch = 8, 64, 16, 4
     new, repeats = (8, 2) if quick else (48, 7)
-    batch = {**tokens(batch_size, seq), "labels": tokens(batch_size, seq)["input_ids"]}
+    batch = tokens(batch_size, seq)
+    batch["labels"] = batch["input_ids"]
     gen_inputs = tokens(gen_batch, 16, seed=1)
     models = {name: variant(name, path, prefix) for name in TRAIN_VARIANTS}
     models["full fine-tuning"].train()  # dropout is 0 in SmolLM2; train() only flags it
