@@ -94,6 +94,21 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
         train(model, tok, LM_ROWS, None, cfg(tmp_path, resume=True))
 
 
+@pytest.mark.parametrize("damage", ["missing", "not json", "not an object"])
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, damage):
+    model, tok = lm()
+    train(model, tok, LM_ROWS, None, cfg(tmp_path, checkpoint_every=2, max_steps=2))
+    (scheduler,) = tmp_path.glob("**/scheduler.json")
+    if damage == "missing":
+        scheduler.unlink()
+    else:
+        scheduler.write_text("{trunc" if damage == "not json" else "[1, 2]")
+    expected = {"missing": "cannot be read", "not json": "is not valid JSON", "not an object": "must hold a JSON object"}
+    model, tok = lm()
+    with pytest.raises(PrefixTuneError, match=f"scheduler.json.*{expected[damage]}"):
+        train(model, tok, LM_ROWS, None, cfg(tmp_path, checkpoint_every=2, max_steps=2, resume=True))
+
+
 # ----------------------------------------------------------------------------------- optimizers
 LEARNING_RATES = {"adamw": 0.1, "adam": 0.1, "sgd": 30.0, "rmsprop": 0.03, "adafactor": 0.1}
 

@@ -106,13 +106,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise PrefixTuneError(f"checkpoint file {path} is unreadable: {exc}") from None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PrefixTuneError(f"checkpoint file {path} is missing or not valid JSON: {exc}") from None
-
-
 # ----------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(
     directory: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, state: TrainState, cfg: Any
@@ -166,8 +159,8 @@ def load_checkpoint(
     root = directory / CHECKPOINTS
     if not (root / LATEST).is_file():
         raise PrefixTuneError(f"--resume: no checkpoint in {root} (expected {root / LATEST})")
-    path = root / _read_json(root / LATEST)["checkpoint"]
-    saved = _read_json(path / "state.json")
+    path = root / serialization.read_json_object(root / LATEST)["checkpoint"]
+    saved = serialization.read_json_object(path / "state.json")
     changed = [k for k in RESUME_KEYS if saved["config"].get(k) != getattr(cfg, k)]
     if changed:
         diff = ", ".join(f"{k}: {saved['config'].get(k)!r} -> {getattr(cfg, k)!r}" for k in changed)
@@ -179,10 +172,10 @@ def load_checkpoint(
         )
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_tensors(serialization.read_tensors(path / "prefix"), source=str(path / "prefix"))
-    optimizer.load_state_dict(
-        _unflatten_optimizer(_read_safetensors(path / "optimizer.safetensors"), _read_json(path / "optimizer.json"))
-    )
-    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    flat = _read_safetensors(path / "optimizer.safetensors")
+    optimizer.load_state_dict(_unflatten_optimizer(flat, serialization.read_json_object(path / "optimizer.json")))
+    scheduler.load_state_dict(serialization.read_json_object(path / "scheduler.json"))
     rank = accelerator.process_index
-    _set_rng_state(_read_safetensors(path / f"rng-{rank}.safetensors"), _read_json(path / f"rng-{rank}.json"))
+    rng = _read_safetensors(path / f"rng-{rank}.safetensors")
+    _set_rng_state(rng, serialization.read_json_object(path / f"rng-{rank}.json"))
     return TrainState(**saved["state"])

@@ -62,9 +62,11 @@ def save_prefix(directory: str | os.PathLike, config: dict, tensors: dict[str, t
 
 
 def read_json_object(path: str | os.PathLike) -> dict:
-    """A JSON file that must hold one object; anything else is a one-line PrefixTuneError."""
+    """A JSON file that must hold one object; anything else, a missing file included, is a one-line PrefixTuneError."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PrefixTuneError(f"{path} cannot be read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PrefixTuneError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
