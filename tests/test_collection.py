@@ -27,6 +27,8 @@ def collection(family: str, task: str | None = None, layers_for_short: bool = Fa
             spec.setdefault("init", "random")
         if name == "short" and layers_for_short:
             spec["layers"] = [1]
+        if name in ("long", "prompt") and task == "classification":  # mixed [CLS] and mean pooling
+            spec["pooling"] = "mean"
         member = bank.add(name, attach(base, tokenizer=tiny.CharTokenizer(), **spec))
         with torch.no_grad():  # every prefix gets a head of its own, unlike the base model's
             for p in member.heads.parameters():

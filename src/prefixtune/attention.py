@@ -37,7 +37,8 @@ class PrefixState:
     `record`, when a dict, receives each slot's `(query_len, keys, values)`: that is how the probe finds
     slots and how prefixes are initialised from the model's own activations on real words.
     `offset` is added to decoder position ids (PEFT's and the paper's convention); `heads` maps a
-    head module to the modules that replace it, per group of rows (see `hooks.py`).
+    head module to the modules that replace it, per group of rows (see `hooks.py`); `mean_pool` lists
+    the groups of rows (None: all) whose pooled output is the mean of the last hidden states.
     """
 
     slots: dict[nn.Module, int]
@@ -45,6 +46,7 @@ class PrefixState:
     record: dict[int, tuple[int, torch.Tensor, torch.Tensor]] | None = field(default=None)
     offset: torch.Tensor | int | None = None
     heads: dict[nn.Module, list[tuple[torch.Tensor | None, nn.Module]]] | None = None
+    mean_pool: list[torch.Tensor | None] | None = None
 
 
 _ACTIVE: ContextVar[PrefixState | None] = ContextVar("prefixtune_active", default=None)

@@ -21,17 +21,18 @@ Group = tuple["torch.Tensor | None", "PrefixModel"]
 
 
 def build_state(slots: dict, groups: list[Group], batch: int) -> attention.PrefixState:
-    """The attention state for key/value prefixes, with per-row offsets and heads."""
+    """The attention state for key/value prefixes, with per-row offsets, heads and pooling."""
     kv_groups = [(rows, m, m.prefix_kv()) for rows, m in groups if m.uses_kv]
     heads: dict = {}
     for rows, member in groups:
         for name, head in member.heads.items():
             heads.setdefault(getattr(member.base_model, name), []).append((rows, head))
+    mean_pool = [rows for rows, m in groups if m.prefix_config.pooling == "mean"] or None
     if len(kv_groups) == 1 and kv_groups[0][0] is None:  # one prefix for all rows: no copies
         _, member, kv = kv_groups[0]
         kv = [None if p is None else (p[0], p[1], None) for p in kv]
         offset = member.prefix_length if member.offset_positions else None
-        return attention.PrefixState(slots=slots, kv=kv, offset=offset, heads=heads or None)
+        return attention.PrefixState(slots=slots, kv=kv, offset=offset, heads=heads or None, mean_pool=mean_pool)
     table: list = []
     for slot in range(len(slots)):
         present = [(rows, p[slot]) for rows, _, p in kv_groups if p[slot] is not None]
@@ -55,7 +56,9 @@ def build_state(slots: dict, groups: list[Group], batch: int) -> attention.Prefi
         if member.offset_positions:
             offset[slice(None) if rows is None else rows] = member.prefix_length
     uses_offset = any(m.offset_positions for _, m, _ in kv_groups)
-    return attention.PrefixState(slots=slots, kv=table, offset=offset if uses_offset else None, heads=heads or None)
+    return attention.PrefixState(
+        slots=slots, kv=table, offset=offset if uses_offset else None, heads=heads or None, mean_pool=mean_pool
+    )
 
 
 def join_prompts(kwargs: dict[str, Any], groups: list[Group], embeddings: torch.nn.Module, at: int) -> dict[str, Any]:

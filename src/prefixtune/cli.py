@@ -313,6 +313,7 @@ def _print_info(report: dict) -> None:
         ("virtual tokens", cfg.get("num_virtual_tokens")),
         ("layers", "all" if cfg.get("layers") is None else cfg.get("layers")),
         ("reparam", cfg.get("reparam")),
+        ("pooling", cfg.get("pooling", "model")),
         ("task", report["task"]),
         ("parameters", f"{report['parameters']:,}"),
         ("file size", f"{report['bytes']:,} bytes"),

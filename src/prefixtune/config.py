@@ -13,6 +13,7 @@ METHODS = ("prefix", "prompt", "text")
 INITS = ("auto", "random", "zero", "vocab", "text")
 REPARAMS = ("none", "mlp")
 TASKS = ("auto", "classification", "causal_lm", "seq2seq_lm", "base")
+POOLINGS = ("model", "mean")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -60,6 +61,13 @@ class PrefixConfig:
         "for classification (classifier, score, classification_head, ...).",
         None,
     )
+    pooling: str = _help(
+        "The sentence vector a BERT-style classification head reads. model: the model's own pooler "
+        "([CLS] through a dense layer). mean: the mean of the last hidden states over the attended "
+        "tokens, the vector sentence-embedding encoders such as all-MiniLM-L6-v2 were trained to give; "
+        "their [CLS] pooler was never tuned, so a frozen one reads a weaker signal.",
+        "model",
+    )
     position_offset: bool | None = _help(
         "Put real tokens at positions P..P+n-1, as PEFT and the paper do for decoders. None: on for "
         "decoder-only models, off for encoders.",
@@ -75,6 +83,7 @@ class PrefixConfig:
         _one_of("init", self.init, INITS)
         _one_of("reparam", self.reparam, REPARAMS)
         _one_of("task", self.task, TASKS)
+        _one_of("pooling", self.pooling, POOLINGS)
         if self.method != "text" and (not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0):
             raise PrefixTuneError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         if self.num_virtual_tokens > 4096:

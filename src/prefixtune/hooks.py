@@ -1,9 +1,11 @@
-"""The two things a prefix changes outside attention, as hooks that act only while a prefix is active.
+"""What a prefix changes outside attention, as hooks that act only while a prefix is active.
 
 - Decoder position ids: with a prefix of length P the real tokens sit at P..P+n-1 (PEFT and the
   paper). `generate` computes position ids inside the base model, so this must be a pre-hook there.
 - Task heads: each prefix trains its own copy of the classification head; the base model's head stays
   frozen and shared. A forward hook on the head swaps in the copy, per group of rows in a mixed batch.
+- Mean pooling: a BERT-style classifier reads the backbone's `pooler_output`; a forward hook on the
+  backbone replaces it with the masked mean of the last hidden states, for the rows that ask for it.
 
 Hooks are installed once per base model and read everything from the active `PrefixState`, so any
 number of prefixes (and threads) can share one base model.
@@ -12,6 +14,7 @@ number of prefixes (and threads) can share one base model.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,8 +61,28 @@ def _swap_head(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tenso
     return output
 
 
-def install(base_model: nn.Module, head_names: list[str]) -> None:
-    """Install the position hook and the head hooks on `base_model` (idempotent)."""
+def _mean_pool(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    state = attention.current_state()
+    groups = state.mean_pool if state is not None else None
+    if not groups:
+        return None
+    hidden = output.last_hidden_state
+    mask = kwargs.get("attention_mask")
+    if mask is None or mask.shape != hidden.shape[:2]:
+        mask = torch.ones(hidden.shape[:2], device=hidden.device)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    if groups != [None]:
+        pooled = output.pooler_output.clone()
+        for rows in groups:
+            pooled[rows] = mean[rows]
+        mean = pooled
+    output.pooler_output = mean
+    return output
+
+
+def install(base_model: nn.Module, head_names: list[str], pooled_backbone: nn.Module | None = None) -> None:
+    """Install the position, head and (given the backbone) mean-pooling hooks on `base_model` (idempotent)."""
     installed = base_model.__dict__.setdefault(_INSTALLED, set())
     if "positions" not in installed and "position_ids" in inspect.signature(base_model.forward).parameters:
         base_model.register_forward_pre_hook(_shift_positions, with_kwargs=True)
@@ -68,3 +91,6 @@ def install(base_model: nn.Module, head_names: list[str]) -> None:
         if name not in installed:
             getattr(base_model, name).register_forward_hook(_swap_head, with_kwargs=True)
             installed.add(name)
+    if pooled_backbone is not None and "mean_pool" not in installed:
+        pooled_backbone.register_forward_hook(_mean_pool, with_kwargs=True)
+        installed.add("mean_pool")

@@ -73,7 +73,7 @@ class PrefixModel(nn.Module):
         self.heads = nn.ModuleDict(
             {n: copy.deepcopy(getattr(base_model, n)).requires_grad_(True) for n in self.head_modules}
         )
-        hooks.install(base_model, self.head_modules)
+        hooks.install(base_model, self.head_modules, self._pooled_backbone())
         self.columns = self._columns()
         self.prefix = self._build(tokenizer, _init)
 
@@ -92,6 +92,18 @@ class PrefixModel(nn.Module):
                 f"no classification head found on {type(self.base_model).__name__}; name it with head_modules"
             )
         return heads
+
+    def _pooled_backbone(self) -> nn.Module | None:
+        """The backbone whose pooled output mean pooling replaces; None for the model's own pooling."""
+        if self.prefix_config.pooling == "model":
+            return None
+        backbone = getattr(self.base_model, "base_model", None)
+        if self.task != "classification" or not isinstance(getattr(backbone, "pooler", None), nn.Module):
+            raise PrefixTuneError(
+                f"pooling 'mean' replaces the pooled output that a BERT-style classifier reads, and "
+                f"{type(self.base_model).__name__} (task {self.task}) has no pooler; use pooling 'model'"
+            )
+        return backbone
 
     def _columns(self) -> list[int | None]:
         """Table column of every model slot (None: that layer gets no prefix)."""

@@ -1,0 +1,76 @@
+"""Mean pooling: a BERT-style head reads the masked mean of the last hidden states instead of [CLS]."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+
+from prefixtune import PrefixModel, attach
+from prefixtune.errors import PrefixTuneError
+
+
+def _batch() -> dict:
+    ids = torch.randint(3, tiny.VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).float()
+    return (hidden * weights).sum(1) / weights.sum(1)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_head_reads_the_masked_mean_of_the_last_hidden_states(method):
+    model = attach(tiny.make("bert", task="classification"), method=method, num_virtual_tokens=3, pooling="mean")
+    kw = _batch()
+    with torch.no_grad():
+        out = model(**kw, output_hidden_states=True)
+        if method == "prompt":  # the soft prompt sits after [CLS] and is attended, so it is averaged too
+            mask = torch.cat([kw["attention_mask"][:, :1], torch.ones(3, 3, dtype=torch.long),
+                              kw["attention_mask"][:, 1:]], dim=1)  # fmt: skip
+        else:
+            mask = kw["attention_mask"]
+        expected = model.heads["classifier"](_masked_mean(out.hidden_states[-1], mask))
+        cls_model = attach(model.base_model, method=method, num_virtual_tokens=3)
+        cls_model.prefix.load_state_dict(model.prefix.state_dict())
+        cls_model.heads.load_state_dict(model.heads.state_dict())
+        cls_logits = cls_model(**kw).logits
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.logits, cls_logits, atol=1e-3)  # the [CLS] pooler gives other logits
+
+
+def test_padding_and_the_bare_model_are_unaffected():
+    base = tiny.make("bert", task="classification")
+    model = attach(base, num_virtual_tokens=3, pooling="mean")
+    kw = _batch()
+    with torch.no_grad():
+        batched = model(**kw).logits
+        for row in range(3):
+            keep = kw["attention_mask"][row].bool()
+            alone = model(input_ids=kw["input_ids"][row : row + 1, keep]).logits[0]
+            torch.testing.assert_close(batched[row], alone, atol=1e-5, rtol=1e-5)
+        before = base(**kw).logits
+        with model.disable_prefix():
+            torch.testing.assert_close(model(**kw).logits, before)
+
+
+def test_pooling_survives_save_and_load(tmp_path):
+    model = attach(tiny.make("bert", task="classification"), num_virtual_tokens=3, pooling="mean")
+    kw = _batch()
+    model.save_pretrained(tmp_path)
+    loaded = PrefixModel.from_pretrained(tiny.make("bert", task="classification"), tmp_path)
+    assert loaded.prefix_config.pooling == "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**kw).logits, model(**kw).logits)
+
+
+@pytest.mark.parametrize("family,task", [("llama", None), ("roberta", "classification")])
+def test_mean_pooling_needs_a_bert_style_pooler(family, task):
+    with pytest.raises(PrefixTuneError, match="pooling 'mean'.*has no pooler"):
+        attach(tiny.make(family, task=task), num_virtual_tokens=2, pooling="mean")
+    with pytest.raises(PrefixTuneError, match="pooling must be one of model, mean; got 'max'"):
+        attach(tiny.make("bert", task="classification"), num_virtual_tokens=2, pooling="max")
