@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefixtune import attention, hooks, serialization
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -68,19 +70,28 @@ class Finetune(nn.Module):
     """A baseline in the trainer's shape: the whole model ('all') or only its task head ('head') trains.
 
     It offers what `prefixtune.train.train` asks of a model (task, positions_used, save/load of the
-    trained tensors), so the baselines run through exactly the same loop as the prefixes.
+    trained tensors), so the baselines run through exactly the same loop as the prefixes. With
+    pooling 'mean' its head reads the same mean-pooled vector as a prefix's, through the same hook.
     """
 
-    def __init__(self, base_model: nn.Module, task: str, trainable: str, head: str = "classifier") -> None:
+    def __init__(
+        self, base_model: nn.Module, task: str, trainable: str, head: str = "classifier", pooling: str = "model"
+    ) -> None:
         super().__init__()
         self.base_model = base_model
         self.task = task
         self.positions_used = 0
+        self.pooling = pooling
         for name, p in base_model.named_parameters():
             p.requires_grad_(trainable == "all" or name.startswith(head + "."))
+        if pooling == "mean":
+            hooks.install(base_model, [], base_model.base_model)
 
     def forward(self, **kwargs: Any) -> Any:
-        return self.base_model(**kwargs)
+        if self.pooling == "model":
+            return self.base_model(**kwargs)
+        with attention.activate(attention.PrefixState(slots={}, mean_pool=[None])):
+            return self.base_model(**kwargs)
 
     def generate(self, **kwargs: Any) -> torch.Tensor:
         return self.base_model.generate(**kwargs)
@@ -102,7 +113,8 @@ class Finetune(nn.Module):
                 params[name].copy_(value)
 
     def save_pretrained(self, directory: str | Path, keep_reparam: bool = True) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)  # benchmarks keep nothing on disk
+        """The trained tensors, in the prefix file's format, so the loop can restore the best epoch."""
+        serialization.save_prefix(directory, {"baseline": "finetune"}, self.state_tensors())
 
     def trainable_parameters(self) -> dict[str, float]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -71,19 +71,24 @@ def _classification(r: dict) -> str:
     for row in r["rows"].values():
         f = row["full"]
         rows.append([row["label"], f["accuracy"], f["macro_f1"], f"{f['trainable']:,} ({f['percent']:.3f}%)",
-                     f"{f['train_s']:.0f}", f"{f['peak_rss_mb']:.0f}", f"{f['wall_s']:.0f}", row["lr"]])  # fmt: skip
+                     f.get("best_epoch", "-"), f"{f['train_s']:.0f}", f"{f['peak_rss_mb']:.0f}",
+                     f"{f['wall_s']:.0f}", row["lr"]])  # fmt: skip
         few_rows.append([row["label"], f"{row['few_mean']:.4f} ± {row['few_std']:.4f}", row["few_lr"],
                          f"{sum(x['wall_s'] for x in row['few']):.0f}"])  # fmt: skip
     first = next(iter(r["rows"].values()))["full"]
+    pooling = "the mean of the last hidden states" if r.get("pooling") == "mean" else "the model's [CLS] pooler"
     out = [f"MiniLM (all-MiniLM-L6-v2, frozen except where a row trains it) on the Rotten Tomatoes test split "
-           f"(split by movie); {r['train_size']} training examples, {first['epochs']} epochs ({first['steps']} "
-           "steps). Each row trains once per learning rate of its 2-point grid; the run with the better accuracy "
-           f"on {r.get('validation_size', 400)} validation examples is the one reported, so the test split chose nothing.", "",
-           markdown_table(["method", "accuracy", "macro-F1", "trainable params", "train (s)", "peak RSS (MiB)",
-                           "wall (s)", "lr"], rows), "",
-           f"Low data: {r['low_data_size']} training examples, {next(iter(r['rows'].values()))['few'][0]['epochs']} "
-           "epochs at batch 16, learning rate picked on "
-           f"validation at seed {r['seeds'][0]}, then seeds {r['seeds']}: test accuracy mean ± std.", "",
+           f"(split by movie); every head reads {pooling}. {r['train_size']} training examples, up to "
+           f"{first['epochs']} epochs ({first['steps']} steps) at batch 32. Each run evaluates on "
+           f"{r['validation_size']} validation examples after every epoch and keeps its best epoch; each row "
+           "trains once per learning rate of its 2-point grid and the run with the better validation accuracy "
+           "is the one reported, so the test split chose nothing.", "",
+           markdown_table(["method", "accuracy", "macro-F1", "trainable params", "best epoch", "train (s)",
+                           "peak RSS (MiB)", "wall (s)", "lr"], rows), "",
+           f"Low data: {r['low_data_size']} training examples, up to "
+           f"{next(iter(r['rows'].values()))['few'][0]['epochs']} epochs at batch 16, best epoch kept on "
+           f"{r.get('low_data_validation_size', r['validation_size'])} validation examples, learning rate picked "
+           f"at seed {r['seeds'][0]}, then seeds {r['seeds']}: test accuracy mean ± std.", "",
            markdown_table(["method", "accuracy", "lr", "wall (s, all seeds)"], few_rows)]  # fmt: skip
     rr = r["rows"]
     if "prefix" in rr and "full" in rr:
