@@ -9,6 +9,7 @@ import pytest
 
 from prefixtune import assets
 from prefixtune.errors import PrefixTuneError
+from prefixtune.pooling import trained_pooling
 
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 
@@ -111,6 +112,7 @@ def test_minilm_and_resolve_model():
     assert assets.resolve_model("minilm") == path
     assert assets.resolve_model("gpt2") == "gpt2"
     assert assets.resolve_model("/some/local/dir") == "/some/local/dir"
+    assert trained_pooling(path) == "mean"  # all-MiniLM-L6-v2 is a mean-pooling sentence encoder
 
 
 def test_missing_package_message(monkeypatch):

@@ -8,6 +8,7 @@ import torch
 
 from prefixtune import PrefixModel, attach
 from prefixtune.errors import PrefixTuneError
+from prefixtune.pooling import trained_pooling
 
 
 def _batch() -> dict:
@@ -72,5 +73,38 @@ def test_pooling_survives_save_and_load(tmp_path):
 def test_mean_pooling_needs_a_bert_style_pooler(family, task):
     with pytest.raises(PrefixTuneError, match="pooling 'mean'.*has no pooler"):
         attach(tiny.make(family, task=task), num_virtual_tokens=2, pooling="mean")
-    with pytest.raises(PrefixTuneError, match="pooling must be one of model, mean; got 'max'"):
+    with pytest.raises(PrefixTuneError, match="pooling must be one of auto, model, mean; got 'max'"):
         attach(tiny.make("bert", task="classification"), num_virtual_tokens=2, pooling="max")
+
+
+def _sentence_transformers_folder(folder, mean: bool):
+    """A tiny BERT saved the way sentence-transformers lays out its folders."""
+    tiny.make("bert").save_pretrained(folder)
+    (folder / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},'
+        ' {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]'
+    )
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        f'{{"pooling_mode_mean_tokens": {str(mean).lower()}, "pooling_mode_cls_token": {str(not mean).lower()}}}'
+    )
+
+
+@pytest.mark.parametrize("mean", [True, False])
+def test_auto_follows_the_pooling_a_sentence_encoder_was_trained_with(tmp_path, mean):
+    from transformers import AutoModelForSequenceClassification
+
+    _sentence_transformers_folder(tmp_path / "st", mean)
+    assert trained_pooling(tmp_path / "st") == ("mean" if mean else "cls")
+    model = attach(AutoModelForSequenceClassification.from_pretrained(tmp_path / "st"), num_virtual_tokens=2)
+    assert model.prefix_config.pooling == ("mean" if mean else "model")
+    model.save_pretrained(tmp_path / "prefix")  # saved resolved: the reload does not depend on the folder
+    loaded = PrefixModel.from_pretrained(tiny.make("bert", task="classification"), tmp_path / "prefix")
+    assert loaded.prefix_config.pooling == model.prefix_config.pooling
+
+
+def test_auto_is_the_model_pooler_elsewhere(tmp_path):
+    assert attach(tiny.make("bert", task="classification"), num_virtual_tokens=2).prefix_config.pooling == "model"
+    assert attach(tiny.make("llama"), num_virtual_tokens=2).prefix_config.pooling == "model"
+    (tmp_path / "modules.json").write_text("not json")
+    assert trained_pooling(tmp_path) is None and trained_pooling(tmp_path / "absent") is None

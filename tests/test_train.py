@@ -103,7 +103,7 @@ def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, damage):
         scheduler.unlink()
     else:
         scheduler.write_text("{trunc" if damage == "not json" else "[1, 2]")
-    expected = {"missing": "cannot be read", "not json": "is not valid JSON", "not an object": "must hold a JSON object"}
+    expected = {"missing": "cannot be read", "not json": "not valid JSON", "not an object": "must hold a JSON object"}
     model, tok = lm()
     with pytest.raises(PrefixTuneError, match=f"scheduler.json.*{expected[damage]}"):
         train(model, tok, LM_ROWS, None, cfg(tmp_path, checkpoint_every=2, max_steps=2, resume=True))

@@ -13,7 +13,7 @@ METHODS = ("prefix", "prompt", "text")
 INITS = ("auto", "random", "zero", "vocab", "text")
 REPARAMS = ("none", "mlp")
 TASKS = ("auto", "classification", "causal_lm", "seq2seq_lm", "base")
-POOLINGS = ("model", "mean")
+POOLINGS = ("auto", "model", "mean")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -65,8 +65,9 @@ class PrefixConfig:
         "The sentence vector a BERT-style classification head reads. model: the model's own pooler "
         "([CLS] through a dense layer). mean: the mean of the last hidden states over the attended "
         "tokens, the vector sentence-embedding encoders such as all-MiniLM-L6-v2 were trained to give; "
-        "their [CLS] pooler was never tuned, so a frozen one reads a weaker signal.",
-        "model",
+        "their [CLS] pooler was never tuned, so a frozen one reads a weaker signal. auto: mean for a "
+        "sentence-transformers folder whose modules.json declares mean pooling, else model.",
+        "auto",
     )
     position_offset: bool | None = _help(
         "Put real tokens at positions P..P+n-1, as PEFT and the paper do for decoders. None: on for "

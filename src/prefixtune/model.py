@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import attention, batching, hooks, serialization
+from prefixtune import attention, batching, hooks, pooling, serialization
 from prefixtune.config import PrefixConfig
 from prefixtune.discovery import Layout, modules_by_slot, probe
 from prefixtune.errors import PrefixTuneError
@@ -95,15 +95,17 @@ class PrefixModel(nn.Module):
 
     def _pooled_backbone(self) -> nn.Module | None:
         """The backbone whose pooled output mean pooling replaces; None for the model's own pooling."""
+        if self.prefix_config.pooling == "auto":  # saved resolved, so a reloaded prefix pools the same way
+            chosen = pooling.default_pooling(self.base_model, self.task)
+            self.prefix_config = dataclasses.replace(self.prefix_config, pooling=chosen)
         if self.prefix_config.pooling == "model":
             return None
-        backbone = getattr(self.base_model, "base_model", None)
-        if self.task != "classification" or not isinstance(getattr(backbone, "pooler", None), nn.Module):
+        if self.task != "classification" or pooling.backbone_pooler(self.base_model) is None:
             raise PrefixTuneError(
                 f"pooling 'mean' replaces the pooled output that a BERT-style classifier reads, and "
                 f"{type(self.base_model).__name__} (task {self.task}) has no pooler; use pooling 'model'"
             )
-        return backbone
+        return self.base_model.base_model
 
     def _columns(self) -> list[int | None]:
         """Table column of every model slot (None: that layer gets no prefix)."""
