@@ -72,7 +72,7 @@ def _mean_pool(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
         mask = torch.ones(hidden.shape[:2], device=hidden.device)
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-    if groups != [None]:
+    if not (len(groups) == 1 and groups[0] is None):  # rows of several prefixes: pool only theirs
         pooled = output.pooler_output.clone()
         for rows in groups:
             pooled[rows] = mean[rows]
