@@ -72,8 +72,8 @@ def _classification(r: dict) -> str:
         f = row["full"]
         rows.append([row["label"], f["accuracy"], f["macro_f1"], f"{f['trainable']:,} ({f['percent']:.3f}%)",
                      f.get("best_epoch", "-"), f"{f['train_s']:.0f}", f"{f['peak_rss_mb']:.0f}",
-                     f"{f['wall_s']:.0f}", row["lr"]])  # fmt: skip
-        few_rows.append([row["label"], f"{row['few_mean']:.4f} ± {row['few_std']:.4f}", row["few_lr"],
+                     f"{f['wall_s']:.0f}", f"{row['lr']:g}"])  # fmt: skip
+        few_rows.append([row["label"], f"{row['few_mean']:.4f} ± {row['few_std']:.4f}", f"{row['few_lr']:g}",
                          f"{sum(x['wall_s'] for x in row['few']):.0f}"])  # fmt: skip
     first = next(iter(r["rows"].values()))["full"]
     pooling = "the mean of the last hidden states" if r.get("pooling") == "mean" else "the model's [CLS] pooler"
