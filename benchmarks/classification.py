@@ -26,6 +26,7 @@ from benchmarks.common import RESULTS, Finetune, emit, run_row
 
 SEED_TEXT = "This is a positive sentiment sentence."  # the seed article's own discrete prefix
 POOLING = "mean"  # all-MiniLM-L6-v2 is a mean-pooling sentence encoder
+VALIDATION_SPLIT = 1280  # the whole validation split of the bundled Rotten Tomatoes
 ROWS = {  # name: (label, learning-rate grid)
     "text+head": ("discrete text prefix + head", [1e-2, 3e-3]),
     "head": ("head only", [1e-2, 3e-3]),
@@ -99,9 +100,6 @@ def run_one(args: argparse.Namespace) -> None:
           "steps": config.epochs * per_epoch, "best_epoch": result.best_step // per_epoch,
           "validation_accuracy": result.best_value, "accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
           "trainable": params["trainable"], "percent": params["percent"], "train_s": train_s})  # fmt: skip
-
-
-VALIDATION_SPLIT = 1280  # the whole validation split of the bundled Rotten Tomatoes
 
 
 def _pick(name: str, grid: list[float], args: list[str]) -> tuple[dict, list[dict]]:

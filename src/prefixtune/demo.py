@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from prefixtune.errors import PrefixTuneError
+from prefixtune.pooling import masked_mean
 
 BUDGET_SECONDS = 172.0  # the 3 minutes on 2 CPU cores, less ~8 s of interpreter and import start-up
 RESERVE_SECONDS = 8.0  # saving, reloading and the example sentences
@@ -122,8 +123,7 @@ def _pooled(
             enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 hidden = model.bert(**enc).last_hidden_state.float()
-            weights = enc["attention_mask"].unsqueeze(-1).float()
-            feats[idx] = (hidden * weights).sum(1) / weights.sum(1)
+            feats[idx] = masked_mean(hidden, enc["attention_mask"])
             if tuner is not None:
                 tuner.tick()
         done = min(chunk + 1024, len(texts))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import attention
+from prefixtune import attention, pooling
 
 _INSTALLED = "_prefixtune_hooks"
 
@@ -70,8 +70,7 @@ def _mean_pool(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     mask = kwargs.get("attention_mask")
     if mask is None or mask.shape != hidden.shape[:2]:
         mask = torch.ones(hidden.shape[:2], device=hidden.device)
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    mean = pooling.masked_mean(hidden, mask)
     if not (len(groups) == 1 and groups[0] is None):  # rows of several prefixes: pool only theirs
         pooled = output.pooler_output.clone()
         for rows in groups:

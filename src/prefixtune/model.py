@@ -73,6 +73,8 @@ class PrefixModel(nn.Module):
         self.heads = nn.ModuleDict(
             {n: copy.deepcopy(getattr(base_model, n)).requires_grad_(True) for n in self.head_modules}
         )
+        if config.pooling == "auto":  # saved resolved, so a reloaded prefix pools the same way
+            self.prefix_config = dataclasses.replace(config, pooling=pooling.default_pooling(base_model, self.task))
         hooks.install(base_model, self.head_modules, self._pooled_backbone())
         self.columns = self._columns()
         self.prefix = self._build(tokenizer, _init)
@@ -95,9 +97,6 @@ class PrefixModel(nn.Module):
 
     def _pooled_backbone(self) -> nn.Module | None:
         """The backbone whose pooled output mean pooling replaces; None for the model's own pooling."""
-        if self.prefix_config.pooling == "auto":  # saved resolved, so a reloaded prefix pools the same way
-            chosen = pooling.default_pooling(self.base_model, self.task)
-            self.prefix_config = dataclasses.replace(self.prefix_config, pooling=chosen)
         if self.prefix_config.pooling == "model":
             return None
         if self.task != "classification" or pooling.backbone_pooler(self.base_model) is None:

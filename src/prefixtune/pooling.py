@@ -11,7 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `hidden` [B, T, H] over the positions where `mask` [B, T] is set: padding never counts."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def backbone_pooler(model: nn.Module) -> nn.Module | None:
