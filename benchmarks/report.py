@@ -187,6 +187,11 @@ def _generation(r: dict) -> str:
             ["prefix clearly above zero-shot", f"{rr['prefix']['rougeL']:.4f} vs {rr['zero-shot']['rougeL']:.4f}",
              _mark(rr["prefix"]["rougeL"] > 1.2 * rr["zero-shot"]["rougeL"])],
         ])]  # fmt: skip
+        on_validation = rr["prefix"]["validation_rougeL"] / max(rr["full"]["validation_rougeL"], 1e-9)
+        out += ["", f"The same two runs on the {first['validation_size']} validation articles: prefix "
+                f"{rr['prefix']['validation_rougeL']:.4f}, full fine-tuning {rr['full']['validation_rougeL']:.4f}, "
+                f"{on_validation:.2f} ×. Two samples of the same kind of article put the ratio "
+                f"{abs(on_validation - ratio):.2f} apart; read the test ratio with that spread in mind."]  # fmt: skip
     return "\n".join(out)
 
 
