@@ -121,7 +121,7 @@ def _sweep(s: dict, rows: dict) -> str:
                   for lr, v in rows[k]["validation"].items()]  # fmt: skip
     best = max([r["validation_accuracy"] for r in within] + [v for label, _, v in table_grid if "MLP" not in label])
     out = [f"Capacity sweep (`python -m benchmarks.classification --sweep`, {s['train_size']} training examples, "
-           "same schedule and validation as the table): settings outside the table's grids, to ask whether "
+           f"{sum(r['wall_s'] for r in s['runs']) / 60:.1f} min; same schedule and validation as the table): settings outside the table's grids, to ask whether "
            "the gap to full fine-tuning is a matter of tuning. Full fine-tuning's best validation accuracy is "
            f"{full:.4f}; the column 'vs full' is each run's validation accuracy minus that. Test accuracy is "
            "shown for the record; nothing was chosen by it.", "",
