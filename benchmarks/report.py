@@ -117,18 +117,18 @@ def _sweep(s: dict, rows: dict) -> str:
               f"{r['trainable']:,} ({r['percent']:.2f}%)", r["best_epoch"], r["validation_accuracy"],
               f"{100 * (r['validation_accuracy'] - full):+.1f}", r["accuracy"]] for kind, r in runs]  # fmt: skip
     within = [r for _, r in runs if r["percent"] <= 2]
-    table_grid = [(rows[k]["label"], lr, v) for k in ("prefix", "prefix-text", "prefix-mlp") if k in rows
-                  for lr, v in rows[k]["validation"].items()]  # fmt: skip
-    best = max([r["validation_accuracy"] for r in within] + [v for label, _, v in table_grid if "MLP" not in label])
+    table_grid = [(rows[k]["label"], lr, v, rows[k]["full"]["percent"]) for k in ("prefix", "prefix-text", "prefix-mlp")
+                  if k in rows for lr, v in rows[k]["validation"].items()]  # fmt: skip
+    best = max([r["validation_accuracy"] for r in within] + [v for _, _, v, percent in table_grid if percent <= 2])
     out = [f"Capacity sweep (`python -m benchmarks.classification --sweep`, {s['train_size']} training examples, "
-           f"{sum(r['wall_s'] for r in s['runs']) / 60:.1f} min; same schedule and validation as the table): settings outside the table's grids, to ask whether "
-           "the gap to full fine-tuning is a matter of tuning. Full fine-tuning's best validation accuracy is "
+           f"{sum(r['wall_s'] for r in s['runs']) / 60:.1f} min; same schedule and validation as the table): "
+           "settings outside the table's grids, to ask whether the gap to full fine-tuning is a matter of tuning. Full fine-tuning's best validation accuracy is "
            f"{full:.4f}; the column 'vs full' is each run's validation accuracy minus that. Test accuracy is "
            "shown for the record; nothing was chosen by it.", "",
            markdown_table(["prefix", "P", "MLP width", "lr", "trainable while training", "best epoch",
                            "validation accuracy", "vs full (points)", "test accuracy"], table), "",
            "The table's own grids on validation: " + "; ".join(f"{label} lr {lr}: {v:.4f}"
-                                                               for label, lr, v in table_grid) + ".", "",
+                                                               for label, lr, v, _ in table_grid) + ".", "",
            f"Best validation accuracy of any prefix setting with ≤ 2% trainable parameters: {best:.4f}, "
            f"{100 * (full - best):.1f} points behind full fine-tuning on the split that chooses."]  # fmt: skip
     return "\n".join(out)
