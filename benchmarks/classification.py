@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import RESULTS, Finetune, emit, run_row
+from benchmarks.common import RESULTS, Finetune, emit, pick_on_validation, run_row
 
 SEED_TEXT = "This is a positive sentiment sentence."  # the seed article's own discrete prefix
 POOLING = "mean"  # all-MiniLM-L6-v2 is a mean-pooling sentence encoder
@@ -113,13 +113,8 @@ def run_one(args: argparse.Namespace) -> None:
 
 def _pick(name: str, grid: list[float], args: list[str]) -> tuple[dict, list[dict]]:
     """Train once per learning rate; the run with the best validation accuracy is the row's result."""
-    tried = []
-    for lr in grid:
-        r = run_row("benchmarks.classification", ["--row", name, "--lr", str(lr), *args])
-        tried.append(r)
-        print(f"  [{name}] {args[1]} examples, lr {lr}: validation {r['validation_accuracy']:.4f} "
-              f"(epoch {r['best_epoch']})", flush=True)  # fmt: skip
-    return max(tried, key=lambda r: r["validation_accuracy"]), tried
+    runs = [["--row", name, "--lr", str(lr), *args] for lr in grid]
+    return pick_on_validation("benchmarks.classification", runs, "validation_accuracy")
 
 
 def run_group(quick: bool, train_size: int) -> dict:

@@ -43,6 +43,19 @@ def run_row(module: str, args: list[str], timeout: float = 3600) -> dict[str, An
     return {**json.loads(lines[-1]), "wall_s": wall}
 
 
+def pick_on_validation(module: str, grid: list[list[str]], key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run `module` once per argument list; the run with the highest validation score `key` wins.
+
+    Every benchmark row chooses its settings this way, so the test split never chooses anything.
+    """
+    tried = []
+    for args in grid:
+        r = run_row(module, args)
+        tried.append(r)
+        print(f"  {' '.join(args)}: {key} {r[key]:.4f} ({r['wall_s']:.0f} s)", flush=True)
+    return max(tried, key=lambda r: r[key]), tried
+
+
 def emit(result: dict[str, Any]) -> None:
     """The row's result, as the last stdout line, with the row process's own peak memory."""
     print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}), flush=True)

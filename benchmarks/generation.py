@@ -18,7 +18,7 @@ import random
 import tempfile
 import time
 
-from benchmarks.common import RESULTS, Finetune, emit, run_row
+from benchmarks.common import RESULTS, Finetune, emit, pick_on_validation
 
 TEMPLATE = "Article: {text}\nHeadline:"
 INSTRUCTION = "Write a short, factual news headline for the article."
@@ -81,33 +81,29 @@ def run_one(args: argparse.Namespace) -> None:
         result = train(model, tokenizer, rows, None, config)
         train_s, steps = time.perf_counter() - start, result.steps
 
-    def score(split: str, size: int) -> dict[str, float]:
-        metrics = tasks.evaluate(model, tokenizer, list(data[split])[:size], max_length=args.max_length,
-                                 batch_size=16, template=TEMPLATE, max_new_tokens=20)  # fmt: skip
+    def score(articles: list[dict]) -> dict[str, float]:
+        metrics = tasks.evaluate(model, tokenizer, articles, max_length=args.max_length, batch_size=16,
+                                 template=TEMPLATE, max_new_tokens=20)  # fmt: skip
         return {k: metrics[k] for k in SCORES}
 
+    validation_rows = list(data["validation"])[: args.validation_size]
+    test_rows = list(data["test"])[: args.test_size]
     start = time.perf_counter()
-    validation = score("validation", args.validation_size)
-    test = score("test", args.test_size)
+    validation, test = score(validation_rows), score(test_rows)
     params = model.trainable_parameters()
     length = args.prefix_length if args.row in ("prompt", "prefix") else None
     emit({"row": args.row, "lr": args.lr if steps else None, "prefix_length": length,
-          "train_size": len(rows), "validation_size": min(args.validation_size, len(data["validation"])),
-          "test_size": min(args.test_size, len(data["test"])), "steps": steps, "train_s": train_s,
+          "train_size": len(rows), "validation_size": len(validation_rows),
+          "test_size": len(test_rows), "steps": steps, "train_s": train_s,
           "eval_s": time.perf_counter() - start, "trainable": params["trainable"], "percent": params["percent"],
           "validation_rougeL": validation["rougeL"], **test})  # fmt: skip
 
 
 def _pick(name: str, sizes: list[str], quick: bool) -> tuple[dict, list[dict]]:
     """Train once per grid point; the run with the best validation ROUGE-L is the row's result."""
-    tried = []
-    for lr, length in ROWS[name][1][:1] if quick else ROWS[name][1]:
-        options = (["--lr", str(lr)] if lr else []) + (["--prefix-length", str(length)] if length else [])
-        r = run_row("benchmarks.generation", ["--row", name, *options, *sizes])
-        tried.append(r)
-        print(f"  [{name}] lr {lr}, prefix {length}: validation ROUGE-L {r['validation_rougeL']:.4f} "
-              f"({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
-    return max(tried, key=lambda r: r["validation_rougeL"]), tried
+    runs = [["--row", name, *(["--lr", str(lr)] if lr else []), *(["--prefix-length", str(n)] if n else []), *sizes]
+            for lr, n in ROWS[name][1][: 1 if quick else None]]  # fmt: skip
+    return pick_on_validation("benchmarks.generation", runs, "validation_rougeL")
 
 
 def main(argv: list[str] | None = None) -> dict | None:
