@@ -56,6 +56,23 @@ def pick_on_validation(module: str, grid: list[list[str]], key: str) -> tuple[di
     return max(tried, key=lambda r: r[key]), tried
 
 
+def paired_ratio_interval(
+    numerators: list[float], denominators: list[float], level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(numerators) / mean(denominators), resampling examples in pairs.
+
+    Two systems scored on the same articles share each article's difficulty; resampling the pairs
+    keeps that, so the interval reflects only how the two differ, not how hard the sample was.
+    """
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError(f"need paired scores, got {len(numerators)} and {len(denominators)}")
+    a, b = torch.tensor(numerators, dtype=torch.float64), torch.tensor(denominators, dtype=torch.float64)
+    draws = torch.randint(len(a), (resamples, len(a)), generator=torch.Generator().manual_seed(seed))
+    ratios = a[draws].mean(1) / b[draws].mean(1).clamp_min(1e-12)
+    tail = (1 - level) / 2
+    return float(ratios.quantile(tail)), float(ratios.quantile(1 - tail))
+
+
 def emit(result: dict[str, Any]) -> None:
     """The row's result, as the last stdout line, with the row process's own peak memory."""
     print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}), flush=True)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from prefixtune.errors import PrefixTuneError
-from prefixtune.metrics import classification_metrics, generation_metrics
+from prefixtune.metrics import classification_metrics, generation_metrics, rouge_per_example
 
 
 def test_classification_metrics_hand_computed():
@@ -40,6 +40,16 @@ def test_generation_metrics_hand_computed():
     # rougeL: LCS "the cat on the mat" (5) and "hello world" (2)
     assert m["rougeL"] == pytest.approx((5 / 6 + 0.8) / 2)
     assert set(m) == {"rouge1", "rouge2", "rougeL", "bleu"}
+
+
+def test_rouge_per_example_averages_to_the_corpus_figure():
+    preds = ["the cat sat on the mat", "hello world", "nothing alike"]
+    refs = ["the cat is on the mat", "hello there world", "cats and dogs"]
+    each = rouge_per_example(preds, refs)
+    assert [round(e["rougeL"], 6) for e in each] == [round(5 / 6, 6), 0.8, 0.0]
+    corpus = generation_metrics(preds, refs)
+    for k in ("rouge1", "rouge2", "rougeL"):
+        assert sum(e[k] for e in each) / 3 == pytest.approx(corpus[k])
 
 
 def test_generation_metrics_stemming():

@@ -39,25 +39,31 @@ def classification_metrics(preds: Sequence[int], labels: Sequence[int]) -> dict[
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
 
 
-def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measure in [0, 1] (Porter stemming) and sacrebleu corpus BLEU in [0, 100].
-
-    The scales are those of the HF ``rouge`` and ``sacrebleu`` metrics, so numbers compare with
-    what users get from ``evaluate`` elsewhere (multiply ROUGE by 100 for paper-style tables).
-    """
+def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+    """ROUGE-1/2/L F-measure of each prediction (Porter stemming): what paired comparisons and bootstraps need."""
     from rouge_score import rouge_scorer
-    from sacrebleu import corpus_bleu
 
     predictions = list(predictions)
     references = list(references)
     _check_lengths(predictions, references, "predictions")
     kinds = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
-    totals = dict.fromkeys(kinds, 0.0)
+    out = []
     for pred, ref in zip(predictions, references, strict=True):
         scores = scorer.score(ref, pred)  # rouge_score's order is (target, prediction)
-        for k in kinds:
-            totals[k] += scores[k].fmeasure
-    out = {k: v / len(predictions) for k, v in totals.items()}
-    out["bleu"] = float(corpus_bleu(predictions, [references]).score)
+        out.append({k: scores[k].fmeasure for k in kinds})
+    return out
+
+
+def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure in [0, 1] (Porter stemming) and sacrebleu corpus BLEU in [0, 100].
+
+    The scales are those of the HF ``rouge`` and ``sacrebleu`` metrics, so numbers compare with
+    what users get from ``evaluate`` elsewhere (multiply ROUGE by 100 for paper-style tables).
+    """
+    from sacrebleu import corpus_bleu
+
+    per_example = rouge_per_example(predictions, references)
+    out = {k: sum(s[k] for s in per_example) / len(per_example) for k in ("rouge1", "rouge2", "rougeL")}
+    out["bleu"] = float(corpus_bleu(list(predictions), [list(references)]).score)
     return out
