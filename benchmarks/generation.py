@@ -3,11 +3,14 @@
 Rows: zero-shot with a discrete text prompt, prompt tuning, prefix tuning, full fine-tuning, all
 with the same template, data, steps and greedy decoding, on a budget that fits 2 CPU cores.
 Hyperparameters are chosen on validation only: each trained row trains once per point of its
-grid (learning rate, and for the prefix its length), every run is scored on validation articles,
-and the run with the best validation ROUGE-L is the one whose test scores are reported.
+grid (learning rate, and for the prefix whether it trains directly or through Li & Liang's MLP),
+every run is scored on validation articles, and the run with the best validation ROUGE-L is the
+one whose test scores are reported. Each run also keeps its ROUGE-L on every test article, so the
+report can put a paired bootstrap interval around the ratio of two rows.
 
     python -m benchmarks.generation [--quick]
-    python -m benchmarks.generation --row prefix --lr 0.03 --prefix-length 64
+    python -m benchmarks.generation --rows prefix full    # rerun two rows, keep the others' results
+    python -m benchmarks.generation --row prefix --lr 0.003 --reparam mlp
 """
 
 from __future__ import annotations
@@ -19,19 +22,19 @@ import tempfile
 import time
 
 from benchmarks.common import RESULTS, Finetune, emit, pick_on_validation
+from prefixtune.metrics import generation_metrics, rouge_per_example
 
 TEMPLATE = "Article: {text}\nHeadline:"
 INSTRUCTION = "Write a short, factual news headline for the article."
-SCORES = ("rouge1", "rouge2", "rougeL", "bleu", "loss")
-ROWS = {  # name: (label, grid of (learning rate, prefix length))
+ROWS = {  # name: (label, grid of (learning rate, prefix reparametrisation))
     "zero-shot": ("zero-shot, discrete text prompt", [(None, None)]),
-    "prompt": ("prompt tuning", [(3e-2, 16), (1e-1, 16)]),
-    "prefix": ("prefix tuning", [(1e-2, 16), (3e-2, 16), (3e-2, 64)]),
-    "full": ("full fine-tuning", [(5e-5, None), (1e-4, None)]),
+    "prompt": ("prompt tuning", [(3e-2, None), (1e-1, None)]),
+    "prefix": ("prefix tuning", [(3e-2, "none"), (1e-1, "none"), (1e-3, "mlp"), (3e-3, "mlp")]),
+    "full": ("full fine-tuning", [(1e-4, None), (2e-4, None)]),
 }
 
 
-def build(row: str, seed: int, prefix_length: int):
+def build(row: str, seed: int, prefix_length: int, reparam: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,10 +49,10 @@ def build(row: str, seed: int, prefix_length: int):
         return Finetune(base, "causal_lm", "all"), tokenizer
     if row == "zero-shot":
         return attach(base, tokenizer=tokenizer, method="text", text=INSTRUCTION + "\n"), tokenizer
-    method = "prompt" if row == "prompt" else "prefix"
-    return attach(
-        base, tokenizer=tokenizer, method=method, num_virtual_tokens=prefix_length, text=INSTRUCTION
-    ), tokenizer
+    options = {"num_virtual_tokens": prefix_length, "text": INSTRUCTION}
+    if row == "prompt":
+        return attach(base, tokenizer=tokenizer, method="prompt", **options), tokenizer
+    return attach(base, tokenizer=tokenizer, method="prefix", reparam=reparam, **options), tokenizer
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -61,7 +64,7 @@ def run_one(args: argparse.Namespace) -> None:
     rows = list(data["train"])
     random.Random(args.seed).shuffle(rows)
     rows = rows[: args.train_size]
-    model, tokenizer = build(args.row, args.seed, args.prefix_length)
+    model, tokenizer = build(args.row, args.seed, args.prefix_length, args.reparam)
     train_s, steps = 0.0, 0
     if args.row != "zero-shot":
         config = TrainConfig(
@@ -81,10 +84,14 @@ def run_one(args: argparse.Namespace) -> None:
         result = train(model, tokenizer, rows, None, config)
         train_s, steps = time.perf_counter() - start, result.steps
 
-    def score(articles: list[dict]) -> dict[str, float]:
-        metrics = tasks.evaluate(model, tokenizer, articles, max_length=args.max_length, batch_size=16,
-                                 template=TEMPLATE, max_new_tokens=20)  # fmt: skip
-        return {k: metrics[k] for k in SCORES}
+    def score(articles: list[dict]) -> dict:
+        loss = tasks.evaluate(model, tokenizer, articles, max_length=args.max_length, batch_size=16,
+                              template=TEMPLATE, with_generation=False)["loss"]  # fmt: skip
+        outputs = tasks.generate(model, tokenizer, [a["text"] for a in articles], args.max_length, max_new_tokens=20,
+                                 batch_size=16, template=TEMPLATE)  # fmt: skip
+        references = [a["target"] for a in articles]
+        each = [s["rougeL"] for s in rouge_per_example(outputs, references)]
+        return {"loss": loss, **generation_metrics(outputs, references), "rougeL_per_article": each}
 
     validation_rows = list(data["validation"])[: args.validation_size]
     test_rows = list(data["test"])[: args.test_size]
@@ -93,6 +100,7 @@ def run_one(args: argparse.Namespace) -> None:
     params = model.trainable_parameters()
     length = args.prefix_length if args.row in ("prompt", "prefix") else None
     emit({"row": args.row, "lr": args.lr if steps else None, "prefix_length": length,
+          "reparam": args.reparam if args.row == "prefix" else None,
           "train_size": len(rows), "validation_size": len(validation_rows),
           "test_size": len(test_rows), "steps": steps, "train_s": train_s,
           "eval_s": time.perf_counter() - start, "trainable": params["trainable"], "percent": params["percent"],
@@ -101,8 +109,8 @@ def run_one(args: argparse.Namespace) -> None:
 
 def _pick(name: str, sizes: list[str], quick: bool) -> tuple[dict, list[dict]]:
     """Train once per grid point; the run with the best validation ROUGE-L is the row's result."""
-    runs = [["--row", name, *(["--lr", str(lr)] if lr else []), *(["--prefix-length", str(n)] if n else []), *sizes]
-            for lr, n in ROWS[name][1][: 1 if quick else None]]  # fmt: skip
+    runs = [["--row", name, *(["--lr", str(lr)] if lr else []), *(["--reparam", r] if r else []), *sizes]
+            for lr, r in ROWS[name][1][: 1 if quick else None]]  # fmt: skip
     return pick_on_validation("benchmarks.generation", runs, "validation_rougeL")
 
 
@@ -111,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one grid point per row: a smoke test")
     parser.add_argument("--row", choices=sorted(ROWS), help="run one row in this process and print its JSON")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="rerun only these rows of the group")
     parser.add_argument("--prefix-length", type=int, default=16, help="virtual tokens of a prompt or prefix")
+    parser.add_argument("--reparam", choices=["none", "mlp"], default="none", help="how the prefix row trains")
     parser.add_argument("--train-size", type=int, default=640, help="one epoch at batch 8: 80 steps")
     parser.add_argument("--validation-size", type=int, default=60, help="validation articles that choose")
     parser.add_argument("--test-size", type=int, default=10_000, help="test articles scored (default: all)")
@@ -126,12 +136,17 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         sizes = ["--train-size", str(args.train_size), "--validation-size", str(args.validation_size),
                  "--test-size", str(args.test_size), "--max-length", str(args.max_length)]  # fmt: skip
-    results: dict = {"rows": {}}
     path = RESULTS / ("generation-quick.json" if args.quick else "generation.json")
     RESULTS.mkdir(exist_ok=True)
+    kept = json.loads(path.read_text())["rows"] if args.rows and path.exists() else {}
+    results: dict = {"rows": {}}
     for name, (label, _) in ROWS.items():
+        if args.rows and name not in args.rows:
+            if name in kept:
+                results["rows"][name] = kept[name]
+            continue
         best, tried = _pick(name, sizes, args.quick)
-        grid = [[r["lr"], r["prefix_length"], r["validation_rougeL"]] for r in tried]
+        grid = [{k: r[k] for k in ("lr", "reparam", "validation_rougeL", "wall_s")} for r in tried]
         results["rows"][name] = {"label": label, **best, "validation": grid}
         print(f"  [{name}] test ROUGE-L {best['rougeL']:.4f}  BLEU {best['bleu']:.2f}", flush=True)
         path.write_text(json.dumps(results, indent=2))  # after every row: a cut-short run keeps what it measured
