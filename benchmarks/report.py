@@ -111,6 +111,13 @@ def _classification(r: dict) -> str:
     return "\n".join(out)
 
 
+def _full_ahead(full: dict, prefix: dict, label: str, short_gap: float, short_epochs: int) -> str:
+    ahead = sum(f["accuracy"] > p["accuracy"] for f, p in zip(full["runs"], prefix["runs"], strict=True))
+    return (f"Full fine-tuning against {label} with the longer schedule: ahead on test at {ahead} of "
+            f"{len(prefix['runs'])} seeds, by {100 * (full['mean'] - prefix['mean']):+.1f} points on average "
+            f"({100 * short_gap:+.1f} with {short_epochs} epochs).")  # fmt: skip
+
+
 def _low_data_sweep(s: dict, rows: dict) -> str:
     """The low-data rows with a longer schedule: is the prefix's deficit a matter of training time?"""
 
@@ -133,7 +140,9 @@ def _low_data_sweep(s: dict, rows: dict) -> str:
         f"up to {s['epochs']} epochs instead of {epochs}, still keeping each run's best validation epoch. Test "
         "accuracy, mean ± std and per seed:", "",
         markdown_table(["method", "lr", f"{epochs} epochs", "per seed", f"{s['epochs']} epochs", "per seed",
-                        "validation per seed", "best epoch"], table),
+                        "validation per seed", "best epoch"], table), "",
+        *[_full_ahead(s["rows"]["full"], row, rows[name]["label"], rows["full"]["few_mean"] - rows[name]["few_mean"],
+                      epochs) for name, row in s["rows"].items() if name != "full"],
     ])  # fmt: skip
 
 
@@ -194,7 +203,7 @@ def _generation(r: dict) -> str:
         low, high = paired_ratio_interval(first["rougeL_per_article"], second["rougeL_per_article"])
         return first["rougeL"] / max(second["rougeL"], 1e-9), low, high
 
-    rows = [[row["label"], row["rouge1"], row["rouge2"], row["rougeL"], round(row["bleu"], 2),
+    rows = [[row["label"], row["rouge1"], row["rouge2"], row["rougeL"], f"{row['bleu']:.2f}",
              f"{row['trainable']:,}", row["steps"], setting(row["lr"], row["reparam"]) if row["lr"] else "-",
              row["validation_rougeL"], f"{row['train_s']:.0f}", f"{row['wall_s']:.0f}"]
             for row in r["rows"].values()]  # fmt: skip
