@@ -9,7 +9,7 @@ on `--train-size` examples for up to 6 epochs and validates on the whole validat
 low-data table trains on 200 examples for up to 5 epochs, validates on 200, picks the learning
 rate at seed 0 and then reports 3 seeds (mean ± std).
 
-    python -m benchmarks.classification [--quick]       # the whole group: the tables, then the sweep
+    python -m benchmarks.classification [--quick]       # the whole group: the tables, then the sweeps
     python -m benchmarks.classification --sweep         # the prefix capacity sweep alone
     python -m benchmarks.classification --low-data-sweep  # 200 examples, three times the schedule
     python -m benchmarks.classification --row prefix --lr 0.03 --train-size 200 --seed 1
