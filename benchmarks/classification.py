@@ -167,14 +167,15 @@ def sweep(train_size: int) -> dict:
     return _save_sweep({"train_size": train_size, "runs": runs})
 
 
-def low_data_sweep(seeds: list[int]) -> dict:
+def low_data_sweep() -> dict:
     """The 200-example table's prefixes and full fine-tuning again, with three times its schedule.
 
     The table trains every row for 5 epochs; a longer schedule, still stopped at the best validation
-    epoch, asks whether the prefix's low-data deficit is a matter of training time.
+    epoch, asks whether the prefix's low-data deficit is a matter of training time. Sizes, seeds and
+    learning rates are the table's own, read from its results.
     """
     table = json.loads((RESULTS / "classification.json").read_text())
-    size, eval_size = str(table["low_data_size"]), str(table["low_data_validation_size"])
+    size, eval_size, seeds = str(table["low_data_size"]), str(table["low_data_validation_size"]), table["seeds"]
     out: dict = {"epochs": LOW_DATA_EPOCHS, "train_size": table["low_data_size"], "seeds": seeds, "rows": {}}
     for name in LOW_DATA_SWEEP:
         lr = table["rows"][name]["few_lr"]
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.sweep:
         return sweep(args.train_size)
     if args.low_data_sweep:
-        return low_data_sweep([0, 1, 2])
+        return low_data_sweep()
     results = run_group(args.quick, args.train_size)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / ("classification-quick.json" if args.quick else "classification.json")).write_text(
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     if not args.quick:
         sweep(args.train_size)
-        low_data_sweep(results["seeds"])
+        low_data_sweep()
     return results
 
 

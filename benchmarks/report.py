@@ -160,8 +160,8 @@ def _sweep(s: dict, rows: dict) -> str:
     out = [f"Capacity sweep (`python -m benchmarks.classification --sweep`, {s['train_size']} training examples, "
            f"{sum(r['wall_s'] for r in s['runs']) / 60:.1f} min; same schedule and validation as the table): "
            "settings outside the table's grids, to ask whether the gap to full fine-tuning is a matter of "
-           f"tuning. Full fine-tuning's best validation accuracy is {full:.4f}; the column 'vs full' is each run's validation accuracy minus that. Test accuracy is "
-           "shown for the record; nothing was chosen by it.", "",
+           f"tuning. Full fine-tuning's best validation accuracy is {full:.4f}; the column 'vs full' is each run's "
+           "validation accuracy minus that. Test accuracy is shown for the record; nothing was chosen by it.", "",
            markdown_table(["prefix", "P", "MLP width", "lr", "trainable while training", "best epoch",
                            "validation accuracy", "vs full (points)", "test accuracy"], table), "",
            "The table's own grids on validation: " + "; ".join(f"{label} lr {lr}: {v:.4f}"
