@@ -108,7 +108,40 @@ def _classification(r: dict) -> str:
         out += ["", _sweep(swept, rr)]
     if swept and "low_data" in swept:
         out += ["", _low_data_sweep(swept["low_data"], rr)]
+    if swept and "long" in swept and "runs" in swept:
+        out += ["", _long_sweep(swept, rr)]
     return "\n".join(out)
+
+
+def _long_sweep(swept: dict, rows: dict) -> str:
+    """The best prefix and full fine-tuning with a longer schedule: is the gap a matter of training time?"""
+    s = swept["long"]
+    long = {"prefix": s["runs"]["prefix"], "full": s["runs"]["full"]}
+    same = ("row", "lr", "prefix_length", "reparam_hidden")
+    short = {"prefix": next(r for r in swept["runs"] if all(r[k] == long["prefix"][k] for k in same)),
+             "full": rows["full"]["full"]}  # fmt: skip
+    p = long["prefix"]
+    labels = {"prefix": f"prefix, P = {p['prefix_length']}, " + (f"MLP {p['reparam_hidden']}"
+                                                                 if p["row"] == "prefix-mlp" else "direct"),
+              "full": rows["full"]["label"]}  # fmt: skip
+    table = [[labels[k], f"{long[k]['lr']:g}", f"{short[k]['epochs']} → {long[k]['epochs']}",
+              f"{short[k]['best_epoch']} → {long[k]['best_epoch']}",
+              f"{short[k]['validation_accuracy']:.4f} → {long[k]['validation_accuracy']:.4f}",
+              f"{short[k]['accuracy']:.4f} → {long[k]['accuracy']:.4f}"] for k in ("prefix", "full")]  # fmt: skip
+
+    def gap(runs: dict, key: str) -> str:
+        return f"{100 * (runs['full'][key] - runs['prefix'][key]):+.1f}"
+
+    return "\n".join([
+        f"Longer schedule (`python -m benchmarks.classification --long-sweep`, "
+        f"{sum(r['wall_s'] for r in long.values()) / 60:.1f} min): the capacity sweep's best prefix setting and "
+        f"full fine-tuning at the table's learning rate, both trained for up to {s['epochs']} epochs on the same "
+        f"{s['train_size']} examples, best validation epoch kept.", "",
+        markdown_table(["method", "lr", "epochs", "best epoch", "validation accuracy", "test accuracy"], table), "",
+        f"Full fine-tuning ahead on validation by {gap(long, 'validation_accuracy')} points with {s['epochs']} "
+        f"epochs ({gap(short, 'validation_accuracy')} with {short['full']['epochs']}), on test by "
+        f"{gap(long, 'accuracy')} ({gap(short, 'accuracy')}).",
+    ])  # fmt: skip
 
 
 def _full_ahead(full: dict, prefix: dict, label: str, short_gap: float, short_epochs: int) -> str:
