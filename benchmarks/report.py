@@ -108,7 +108,7 @@ def _classification(r: dict) -> str:
         out += ["", _sweep(swept, rr)]
     if swept and "low_data" in swept:
         out += ["", _low_data_sweep(swept["low_data"], rr)]
-    if swept and "long" in swept and "runs" in swept:
+    if swept and "runs" in swept and len(swept.get("long", {}).get("runs", {})) == 2:
         out += ["", _long_sweep(swept, rr)]
     return "\n".join(out)
 
