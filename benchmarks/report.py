@@ -110,6 +110,8 @@ def _classification(r: dict) -> str:
         out += ["", _low_data_sweep(swept["low_data"], rr)]
     if swept and "runs" in swept and len(swept.get("long", {}).get("runs", {})) == 2:
         out += ["", _long_sweep(swept, rr)]
+        if "low_data" in swept:
+            out += ["", _why_out_of_reach(swept, rr)]
     return "\n".join(out)
 
 
@@ -142,6 +144,59 @@ def _long_sweep(swept: dict, rows: dict) -> str:
         f"epochs ({gap(short, 'validation_accuracy')} with {short['full']['epochs']}), on test by "
         f"{gap(long, 'accuracy')} ({gap(short, 'accuracy')}).",
     ])  # fmt: skip
+
+
+def _prefix_settings(swept: dict, rows: dict) -> list[tuple[str, float]]:
+    """Every prefix run with ≤ 2% trainable parameters on the main data, with its validation accuracy."""
+    found = [(f"{rows[k]['label']}, lr {lr}", v) for k in ("prefix", "prefix-text", "prefix-mlp")
+             if k in rows and rows[k]["full"]["percent"] <= 2 for lr, v in rows[k]["validation"].items()]  # fmt: skip
+    long = swept["long"]["runs"]["prefix"]
+    for r in [*swept["runs"], long]:
+        if r["percent"] <= 2:
+            kind = f"MLP {r['reparam_hidden']}" if r["row"] == "prefix-mlp" else "direct"
+            found.append((f"{kind}, P = {r['prefix_length']}, lr {r['lr']:g}, {r['epochs']} epochs",
+                          r["validation_accuracy"]))  # fmt: skip
+    return found
+
+
+def _why_out_of_reach(swept: dict, rows: dict) -> str:
+    """The two classification targets, judged against everything the table and the sweeps trained."""
+    settings = _prefix_settings(swept, rows)
+    name, best = max(settings, key=lambda x: x[1])
+    full = max(max(rows["full"]["validation"].values()), swept["long"]["runs"]["full"]["validation_accuracy"])
+    out = []
+    if full - best > 0.01:
+        out.append(
+            f"**Why within 1 point is out of reach here.** Choosing on validation can pick a prefix within a point "
+            f"of full fine-tuning only if some prefix setting gets there on validation. Of the {len(settings)} "
+            f"prefix settings with ≤ 2% trainable parameters trained above (the table's grids, the capacity sweep "
+            f"and the longer schedule: prefix length 16 or 64, direct or through an MLP, vocabulary or text start, "
+            f"several learning rates, 6 or {swept['long']['epochs']} epochs) the best reaches {best:.4f} ({name}), "
+            f"{100 * (full - best):.1f} points behind full fine-tuning's best validation accuracy ({full:.4f}). "
+            f"Every one of them lands between {min(v for _, v in settings):.4f} and {best:.4f}. "
+            "P-tuning v2 reports parity with fine-tuning from about 330 M parameters up (BERT-large, "
+            "RoBERTa-large); all-MiniLM-L6-v2 has 22.7 M and is the only encoder that installs here. What would "
+            "close the gap: the same tables on such an encoder where the hub is reachable."
+        )  # fmt: skip
+    low = swept["low_data"]["rows"]
+    prefixes = [name for name in low if name != "full"]
+    short = {n: rows["full"]["few_mean"] - rows[n]["few_mean"] for n in prefixes}  # full's lead, table schedule
+    long = {n: low["full"]["mean"] - low[n]["mean"] for n in prefixes}  # and with the longer schedule
+    ahead = all(f["accuracy"] > p["accuracy"] for n in prefixes
+                for f, p in zip(low["full"]["runs"], low[n]["runs"], strict=True))  # fmt: skip
+    if ahead and all(long[n] > short[n] > 0 for n in prefixes):
+        leads = "; ".join(f"{rows[n]['label']} {100 * short[n]:+.1f} → {100 * long[n]:+.1f} points" for n in prefixes)
+        out.append(
+            f"**Why the {swept['low_data']['train_size']}-example target is out of reach here.** Full fine-tuning's "
+            f"lead over the prefixes grows when every row trains longer ({rows['full']['few'][0]['epochs']} → "
+            f"{swept['low_data']['epochs']} epochs: {leads}), and with the longer schedule it is ahead at every "
+            "seed. Li & Liang's low-data advantage was measured on generation (table-to-text, summarisation) with "
+            "GPT-2-medium and BART-large, where the frozen model already writes fluent text and the prefix steers "
+            "it; here the prefix has to turn a 22.7 M-parameter encoder's features into a sentiment classifier. "
+            "Neither a setting nor more training closes this gap; a larger encoder is what the literature says "
+            "would."
+        )  # fmt: skip
+    return "\n\n".join(out)
 
 
 def _full_ahead(full: dict, prefix: dict, label: str, short_gap: float, short_epochs: int) -> str:

@@ -35,4 +35,3 @@ def test_interval_holds_the_ratio_of_means_and_narrows_with_more_pairs():
 def test_unpaired_scores_are_refused():
     with pytest.raises(ValueError, match="paired"):
         paired_ratio_interval([1.0, 2.0], [1.0])
-
