@@ -362,8 +362,9 @@ def _seed_table(rows: dict) -> str:
                           for p, f in zip(rows["prefix"]["seeds"], rows["full"]["seeds"], strict=True))  # fmt: skip
     seeds = " / ".join(str(x["seed"]) for x in rows["prefix"]["seeds"])
     return "\n".join([
-        f"Seeds: prefix tuning and full fine-tuning trained again with their chosen settings at seeds {seeds} "
-        "(each seed draws its own 640 training articles and their order). Test ROUGE-L per seed and mean ± std:",
+        f"Seeds: prefix tuning and full fine-tuning with their chosen settings at seeds {seeds} (seed 0 is the run "
+        "that chose them; each seed draws its own 640 training articles and their order). Test ROUGE-L per seed "
+        "and mean ± std:",
         "", markdown_table(["method", f"test ROUGE-L, seeds {seeds}", "mean ± std", "validation ROUGE-L"], table),
         "", f"Prefix over full fine-tuning at each seed: {per_seed} ×.",
     ])  # fmt: skip
