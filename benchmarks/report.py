@@ -305,6 +305,10 @@ def _generation(r: dict) -> str:
            markdown_table(["method", "ROUGE-1", "ROUGE-2", "ROUGE-L", "BLEU", "trainable", "steps", "chosen",
                            "validation ROUGE-L", "train (s)", "wall (s)"], rows), "",
            "Validation ROUGE-L of every grid point:", ""]  # fmt: skip
+    grid_s = sum(g["wall_s"] for row in r["rows"].values() for g in row["validation"])
+    seeds_s = sum(x["wall_s"] for row in r["rows"].values() for x in row.get("seeds", [])[1:])
+    out[0] += f" The runs' wall times add up to {grid_s / 60:.1f} min for the grids" + (
+        f" and {seeds_s / 60:.1f} min for the extra seeds." if seeds_s else ".")  # fmt: skip
     out += [f"- {row['label']}: " + "; ".join(f"{setting(g['lr'], g['reparam'])}: {g['validation_rougeL']:.4f}"
                                              for g in row["validation"])
             for row in r["rows"].values() if row["lr"] is not None]  # fmt: skip
