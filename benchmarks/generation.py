@@ -37,6 +37,7 @@ ROWS = {  # name: (label, grid of (learning rate, prefix reparametrisation))
 }
 REPLICATED = ("prefix", "full")  # the target's two rows
 EXTRA_SEEDS = (1, 2)  # beyond seed 0, which chose the settings
+SEED_KEYS = ("validation_rougeL", "rougeL", "rougeL_per_article", "wall_s")  # what each seed's run keeps
 
 
 def build(row: str, seed: int, prefix_length: int, reparam: str):
@@ -130,12 +131,11 @@ def replicate(results: dict, names: list[str], sizes: list[str], seeds: tuple[in
     """
     for name in names:
         row = results["rows"][name]
-        keep = ("seed", "validation_rougeL", "rougeL", "rougeL_per_article", "wall_s")
-        runs = [{k: row.get(k, 0) for k in keep}]
+        runs = [{"seed": row.get("seed", 0), **{k: row[k] for k in SEED_KEYS}}]  # rows of older runs name no seed
         for seed in seeds:
             r = run_row("benchmarks.generation", [*_setting(name, row["lr"], row["reparam"]), *sizes,
                                                   "--seed", str(seed)])  # fmt: skip
-            runs.append({k: r[k] for k in keep})
+            runs.append({"seed": seed, **{k: r[k] for k in SEED_KEYS}})
             print(f"  [{name} seed {seed}] test ROUGE-L {r['rougeL']:.4f}", flush=True)
         row["seeds"] = runs
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,10 @@ def _long_sweep(swept: dict, rows: dict) -> str:
     same = ("row", "lr", "prefix_length", "reparam_hidden")
     short = {"prefix": next(r for r in swept["runs"] if all(r[k] == long["prefix"][k] for k in same)),
              "full": rows["full"]["full"]}  # fmt: skip
-    p = long["prefix"]
-    labels = {"prefix": f"prefix, P = {p['prefix_length']}, " + (f"MLP {p['reparam_hidden']}"
-                                                                 if p["row"] == "prefix-mlp" else "direct"),
-              "full": rows["full"]["label"]}  # fmt: skip
+    labels = {
+        "prefix": f"prefix, P = {long['prefix']['prefix_length']}, {_prefix_kind(long['prefix'])}",
+        "full": rows["full"]["label"],
+    }
     table = [[labels[k], f"{long[k]['lr']:g}", f"{short[k]['epochs']} → {long[k]['epochs']}",
               f"{short[k]['best_epoch']} → {long[k]['best_epoch']}",
               f"{short[k]['validation_accuracy']:.4f} → {long[k]['validation_accuracy']:.4f}",
@@ -146,22 +147,22 @@ def _long_sweep(swept: dict, rows: dict) -> str:
     ])  # fmt: skip
 
 
-def _prefix_settings(swept: dict, rows: dict) -> list[tuple[str, float]]:
-    """Every prefix run with ≤ 2% trainable parameters on the main data, with its validation accuracy."""
+def _prefix_kind(run: dict) -> str:
+    return f"MLP {run['reparam_hidden']}" if run["row"] == "prefix-mlp" else "direct"
+
+
+def _prefix_settings(rows: dict, runs: list[dict]) -> list[tuple[str, float]]:
+    """The table's prefix grids and these sweep runs, where ≤ 2% of parameters train, with validation accuracy."""
     found = [(f"{rows[k]['label']}, lr {lr}", v) for k in ("prefix", "prefix-text", "prefix-mlp")
              if k in rows and rows[k]["full"]["percent"] <= 2 for lr, v in rows[k]["validation"].items()]  # fmt: skip
-    long = swept["long"]["runs"]["prefix"]
-    for r in [*swept["runs"], long]:
-        if r["percent"] <= 2:
-            kind = f"MLP {r['reparam_hidden']}" if r["row"] == "prefix-mlp" else "direct"
-            found.append((f"{kind}, P = {r['prefix_length']}, lr {r['lr']:g}, {r['epochs']} epochs",
-                          r["validation_accuracy"]))  # fmt: skip
+    found += [(f"{_prefix_kind(r)}, P = {r['prefix_length']}, lr {r['lr']:g}, {r['epochs']} epochs",
+               r["validation_accuracy"]) for r in runs if r["percent"] <= 2]  # fmt: skip
     return found
 
 
 def _why_out_of_reach(swept: dict, rows: dict) -> str:
     """The two classification targets, judged against everything the table and the sweeps trained."""
-    settings = _prefix_settings(swept, rows)
+    settings = _prefix_settings(rows, [*swept["runs"], swept["long"]["runs"]["prefix"]])
     name, best = max(settings, key=lambda x: x[1])
     full = max(rows["full"]["validation"].values())  # the table's full fine-tuning, which the target names
     longer = swept["long"]["runs"]["full"]["validation_accuracy"]
@@ -181,7 +182,7 @@ def _why_out_of_reach(swept: dict, rows: dict) -> str:
             "close the gap: the same tables on such an encoder where the hub is reachable."
         )  # fmt: skip
     low = swept["low_data"]["rows"]
-    prefixes = [name for name in low if name != "full"]
+    prefixes = [n for n in low if n != "full"]
     short = {n: rows["full"]["few_mean"] - rows[n]["few_mean"] for n in prefixes}  # full's lead, table schedule
     long = {n: low["full"]["mean"] - low[n]["mean"] for n in prefixes}  # and with the longer schedule
     ahead = all(f["accuracy"] > p["accuracy"] for n in prefixes
@@ -243,10 +244,9 @@ def _sweep(s: dict, rows: dict) -> str:
     table = [[kind, r["prefix_length"], r["reparam_hidden"] if kind == "MLP" else "-", f"{r['lr']:g}",
               f"{r['trainable']:,} ({r['percent']:.2f}%)", r["best_epoch"], r["validation_accuracy"],
               f"{100 * (r['validation_accuracy'] - full):+.1f}", r["accuracy"]] for kind, r in runs]  # fmt: skip
-    within = [r for _, r in runs if r["percent"] <= 2]
     table_grid = [(rows[k]["label"], lr, v, rows[k]["full"]["percent"]) for k in ("prefix", "prefix-text", "prefix-mlp")
                   if k in rows for lr, v in rows[k]["validation"].items()]  # fmt: skip
-    best = max([r["validation_accuracy"] for r in within] + [v for _, _, v, percent in table_grid if percent <= 2])
+    best = max(v for _, v in _prefix_settings(rows, s["runs"]))
     out = [f"Capacity sweep (`python -m benchmarks.classification --sweep`, {s['train_size']} training examples, "
            f"{sum(r['wall_s'] for r in s['runs']) / 60:.1f} min; same schedule and validation as the table): "
            "settings outside the table's grids, to ask whether the gap to full fine-tuning is a matter of "
@@ -298,19 +298,19 @@ def _generation(r: dict) -> str:
              row["validation_rougeL"], f"{row['train_s']:.0f}", f"{row['wall_s']:.0f}"]
             for row in r["rows"].values()]  # fmt: skip
     first = next(iter(r["rows"].values()))
+    grid_s = sum(g["wall_s"] for row in r["rows"].values() for g in row["validation"])
+    seeds_s = sum(x["wall_s"] for row in r["rows"].values() for x in row.get("seeds", [])[1:])
+    walls = f"The runs' wall times add up to {grid_s / 60:.1f} min for the grids" + (
+        f" and {seeds_s / 60:.1f} min for the extra seeds." if seeds_s else ".")  # fmt: skip
     out = [f"SmolLM2-135M, BBC headline generation: {first['train_size']} training articles (1 epoch, batch 8), "
            f"all {first['test_size']} test articles, greedy, 20 new tokens. Every trained row uses the same "
            f"template, data and steps; prompts and prefixes have {first['prefix_length'] or 16} virtual tokens. "
            "Each trains once per point of its grid and is scored on "
            f"{first['validation_size']} validation articles; the run with the best validation ROUGE-L is the one "
-           "reported, so the test split chose nothing. Train and wall times are those of the chosen run.", "",
+           "reported, so the test split chose nothing. Train and wall times are those of the chosen run. " + walls, "",
            markdown_table(["method", "ROUGE-1", "ROUGE-2", "ROUGE-L", "BLEU", "trainable", "steps", "chosen",
                            "validation ROUGE-L", "train (s)", "wall (s)"], rows), "",
            "Validation ROUGE-L of every grid point:", ""]  # fmt: skip
-    grid_s = sum(g["wall_s"] for row in r["rows"].values() for g in row["validation"])
-    seeds_s = sum(x["wall_s"] for row in r["rows"].values() for x in row.get("seeds", [])[1:])
-    out[0] += f" The runs' wall times add up to {grid_s / 60:.1f} min for the grids" + (
-        f" and {seeds_s / 60:.1f} min for the extra seeds." if seeds_s else ".")  # fmt: skip
     out += [f"- {row['label']}: " + "; ".join(f"{setting(g['lr'], g['reparam'])}: {g['validation_rougeL']:.4f}"
                                              for g in row["validation"])
             for row in r["rows"].values() if row["lr"] is not None]  # fmt: skip
@@ -355,8 +355,6 @@ def _seed_ratio(numerator: list[dict], denominator: list[dict]) -> tuple[float, 
 
 def _seed_table(rows: dict) -> str:
     """The target's two rows at every seed: how much one draw of training articles moves them."""
-    import statistics
-
     table = []
     for name in ("prefix", "full"):
         runs = rows[name]["seeds"]
