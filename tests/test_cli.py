@@ -41,7 +41,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-FAST = ("--epochs", "2", "--batch-size", "8", "--num-virtual-tokens", "3", "--no-progress", "--max-length", "32")
+FAST = ("--epochs", "2", "--batch-size", "8", "--num-virtual-tokens", "3", "--no-progress", "--max-length", "32",
+        "--eval-every", "0", "--patience", "0")  # fmt: skip
 
 
 def classifier_argv(assets, out) -> list[str]:

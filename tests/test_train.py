@@ -39,6 +39,8 @@ def cfg(tmp_path, name: str = "run", **kw) -> TrainConfig:
     kw.setdefault("progress", False)
     kw.setdefault("max_length", 32)
     kw.setdefault("template", "say {text} title :")
+    kw.setdefault("eval_every", 0)  # these tests check other things than the data-sized defaults (test_defaults.py)
+    kw.setdefault("patience", 0)
     return TrainConfig(output_dir=str(tmp_path / name), **kw)
 
 
@@ -126,7 +128,7 @@ def test_every_optimizer_lowers_the_loss(tmp_path, name):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizer_state_round_trips_through_safetensors_and_json(name):
     model, _ = lm()
-    config = TrainConfig(optimizer=name, progress=False)
+    config = TrainConfig(optimizer=name, progress=False, learning_rate=1e-2)
     from prefixtune.train import build_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]

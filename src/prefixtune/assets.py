@@ -15,7 +15,6 @@ import bz2
 import csv
 import importlib.util
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import PrefixTuneError
+from .splits import split_grouped, split_rows
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RT_LABEL_NAMES = ["negative", "positive"]
@@ -135,52 +135,6 @@ def resolve_model(name: str) -> str:
 # ------------------------------------------------------------------------------------------ data
 
 
-def _check_fracs(val_frac: float, test_frac: float) -> None:
-    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise PrefixTuneError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum to less than 1")
-
-
-def _split_rows(rows: list[dict], seed: int, val_frac: float, test_frac: float) -> dict[str, list[dict]]:
-    """Seeded row-level split; shuffles a copy so the caller's order is untouched."""
-    _check_fracs(val_frac, test_frac)
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_test = round(len(rows) * test_frac)
-    n_val = round(len(rows) * val_frac)
-    test = [rows[i] for i in order[:n_test]]
-    val = [rows[i] for i in order[n_test : n_test + n_val]]
-    train = [rows[i] for i in order[n_test + n_val :]]
-    return {"train": train, "validation": val, "test": test}
-
-
-def _split_grouped(
-    rows: list[dict], groups: list[str], seed: int, val_frac: float, test_frac: float
-) -> dict[str, list[dict]]:
-    """Seeded split where every group lands in exactly one split.
-
-    Review snippets of the same movie share names and plot words; letting a movie span train and
-    test would leak and inflate accuracy.
-    """
-    _check_fracs(val_frac, test_frac)
-    by_group: dict[str, list[int]] = {}
-    for i, g in enumerate(groups):
-        by_group.setdefault(g, []).append(i)
-    names = sorted(by_group)
-    random.Random(seed).shuffle(names)
-    n = len(rows)
-    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
-    quota = {"test": test_frac * n, "validation": val_frac * n}
-    for name in names:
-        idx = by_group[name]
-        for split in ("test", "validation"):
-            if len(splits[split]) < quota[split]:
-                break
-        else:
-            split = "train"
-        splits[split].extend(rows[i] for i in idx)
-    return splits
-
-
 def load_rotten_tomatoes(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, list[dict]]:
     """Rotten Tomatoes review snippets (the source of SST-2), label 1 = fresh, 0 = rotten.
 
@@ -204,7 +158,7 @@ def load_rotten_tomatoes(seed: int = 0, val_frac: float = 0.1, test_frac: float 
             seen.add(text)
             rows.append({"text": text, "label": 1 if cat == "fresh" else 0})
             movies.append(rec["movie_name"])
-    return _split_grouped(rows, movies, seed, val_frac, test_frac)
+    return split_grouped(rows, movies, seed, val_frac, test_frac)
 
 
 def _read_bbc_articles() -> list[tuple[str, str, str]]:
@@ -246,7 +200,7 @@ def load_bbc_news(task: str, seed: int = 0, val_frac: float = 0.1, test_frac: fl
         rows = [{"text": body, "label": index[t]} for t, _, body in articles]
     else:
         rows = [{"text": body, "target": title} for _, title, body in articles]
-    return _split_rows(rows, seed, val_frac, test_frac)
+    return split_rows(rows, seed, val_frac, test_frac)
 
 
 def _rotten_tomatoes(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> TextDataset:

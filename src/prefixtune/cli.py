@@ -34,7 +34,7 @@ def _file_rows(path: str, opts: dict, generation: bool) -> list[dict]:
 
     label = None if generation else opts["label_column"]
     target = opts["target_column"] if generation else None
-    return read_table(path, opts["text_column"], label, target)
+    return read_table(path, opts["text_column"], label, target, opts.get("group_column"))
 
 
 def _hub_rows(opts: dict, generation: bool) -> dict[str, list[dict]]:
@@ -43,6 +43,8 @@ def _hub_rows(opts: dict, generation: bool) -> dict[str, list[dict]]:
     raw = load_hub_dataset(opts["hub_dataset"], opts["hub_config"])
     wanted = {"text": opts["text_column"]}
     wanted.update({"target": opts["target_column"]} if generation else {"label": opts["label_column"]})
+    if opts.get("group_column"):
+        wanted["group"] = opts["group_column"]
     splits = {}
     for split, records in raw.items():
         rows = []
@@ -97,6 +99,26 @@ def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[st
     return splits, names
 
 
+def load_training_data(opts: dict) -> tuple[dict[str, list[dict]], list[str] | None]:
+    """`load_data`, plus a seeded validation part held out of the training rows when none was given."""
+    from prefixtune.splits import hold_out
+
+    splits, label_names = load_data(opts)
+    if "train" not in splits:
+        raise PrefixTuneError("no training data: give --train-file, or a --dataset/--hub-dataset with a train split")
+    if "validation" not in splits:
+        group = "group" if opts.get("group_column") else None
+        fraction, seed = opts["validation_fraction"], opts.get("data_seed") or 0
+        splits["train"], splits["validation"] = hold_out(splits["train"], seed, fraction, group)
+        grouped = f", whole {opts['group_column']!r} groups" if group else ""
+        print(
+            f"note: no validation data given; held out {len(splits['validation'])} of the training rows "
+            f"({fraction:.0%}, seed {seed}{grouped}) to stop early and keep the best prefix",
+            file=sys.stderr,
+        )
+    return splits, label_names
+
+
 # -------------------------------------------------------------------------------------------- verbs
 def _prefix_config(opts: dict, seed: int) -> PrefixConfig:
     fields = {f.name for f in dataclasses.fields(PrefixConfig)}
@@ -116,20 +138,14 @@ def _print_table(rows: Sequence[tuple[str, Any]], title: str | None = None) -> N
     print(summary_table(rows))
 
 
-def train(**options: Any) -> TrainResult:
-    """Load model and data, attach a prefix, train it, then score the test split if there is one."""
+def build_model(opts: dict, train_rows: list[dict], label_names: list[str] | None) -> tuple[Any, Any, TrainConfig]:
+    """The base model with a fresh prefix attached, and the training settings, from resolved options."""
     import torch
 
     from prefixtune import tasks
     from prefixtune.model import attach
 
-    opts = resolve_options("train", options)
-    if not opts["model"]:
-        raise PrefixTuneError("train needs --model (minilm, smollm2, a folder or a hub name)")
-    splits, label_names = load_data(opts)
-    if "train" not in splits:
-        raise PrefixTuneError("no training data: give --train-file, or a --dataset/--hub-dataset with a train split")
-    has_labels = "label" in splits["train"][0]
+    has_labels = "label" in train_rows[0]
     task = opts["task"]
     if task == "auto":
         task = "classification" if has_labels else "auto"
@@ -140,10 +156,20 @@ def train(**options: Any) -> TrainResult:
     num_labels = len(label_names) if label_names else None
     torch.manual_seed(train_cfg.seed)  # a new task head is drawn at load time: the seed must cover it
     base, tokenizer, task = tasks.load_model(opts["model"], task, num_labels, label_names)
-    model = attach(base, prefix_cfg, tokenizer=tokenizer)
-    eval_rows = splits.get("validation")
+    return attach(base, prefix_cfg, tokenizer=tokenizer), tokenizer, train_cfg
+
+
+def train(**options: Any) -> TrainResult:
+    """Load model and data, attach a prefix, train it, then score the test split if there is one."""
+    from prefixtune import tasks
+
+    opts = resolve_options("train", options)
+    if not opts["model"]:
+        raise PrefixTuneError("train needs --model (minilm, smollm2, a folder or a hub name)")
+    splits, label_names = load_training_data(opts)
+    model, tokenizer, train_cfg = build_model(opts, splits["train"], label_names)
     info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"]}
-    result = train_with_model(model, tokenizer, splits["train"], eval_rows, train_cfg, info)
+    result = run_training(model, tokenizer, splits["train"], splits["validation"], train_cfg, info)
     test_rows = splits.get("test")
     if test_rows and _is_main_process():  # under `accelerate launch` the other processes are done
         metrics = tasks.evaluate(
@@ -169,8 +195,8 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def train_with_model(model: Any, tokenizer: Any, train_rows: list, eval_rows: Any, cfg: TrainConfig, info: dict) -> Any:
-    """The Python entry point when you already hold a PrefixModel: see `prefixtune.train.train`."""
+def run_training(model: Any, tokenizer: Any, train_rows: list, eval_rows: Any, cfg: TrainConfig, info: dict) -> Any:
+    """`prefixtune.train.train`, imported late so that `prefixtune --help` stays fast."""
     from prefixtune.train import train as run
 
     return run(model, tokenizer, train_rows, eval_rows, cfg, info)

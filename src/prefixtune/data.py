@@ -95,8 +95,9 @@ def read_table(
     text_column: str = "text",
     label_column: str | None = "label",
     target_column: str | None = None,
+    group_column: str | None = None,
 ) -> list[dict]:
-    """Read a CSV/TSV, JSON (list of objects) or JSONL file into rows ``{"text", "label"?, "target"?}``.
+    """Read a CSV/TSV, JSON (list of objects) or JSONL file into rows ``{"text", "label"?, "target"?, "group"?}``.
 
     Columns are renamed to the canonical keys ``text``/``label``/``target`` so that the rest of the
     library never needs to carry user column names around. Labels are kept as found (int or str);
@@ -113,7 +114,7 @@ def read_table(
     with open(path, "rb") as f:
         text = _decode_utf8(path, f.read())
 
-    wanted = [("text", text_column), ("label", label_column), ("target", target_column)]
+    wanted = [("text", text_column), ("label", label_column), ("target", target_column), ("group", group_column)]
     wanted = [(key, col) for key, col in wanted if col is not None]
 
     if ext in (".csv", ".tsv"):
@@ -145,7 +146,7 @@ def read_table(
                     f"{path}: {where}: label column {col!r} must be an int or a string, "
                     f"got {type(value).__name__} {value!r}"
                 )
-            row[key] = value
+            row[key] = str(value) if key == "group" else value
         rows.append(row)
     return rows
 

@@ -79,7 +79,20 @@ DATA_OPTIONS = [
     Option("text_column", str, "text", "Column holding the input text."),
     Option("label_column", str, "label", "Column holding the class label (classification)."),
     Option("target_column", str, None, "Column holding the target text (generation); setting it means generation."),
-    Option("data_seed", int, 0, "Seed of the bundled data sets' train/validation/test split."),
+    Option(
+        "group_column",
+        str,
+        None,
+        "Column that groups related rows (one movie, one author): a held-out validation part takes whole groups.",
+    ),
+    Option("data_seed", int, 0, "Seed of the bundled data sets' split and of the held-out validation part."),
+    Option(
+        "validation_fraction",
+        float,
+        0.1,
+        "Without validation data, hold out this share of the training rows (seeded by --data-seed) for early "
+        "stopping and for keeping the best prefix.",
+    ),
     Option("max_train_samples", int, None, "Use only the first N training rows."),
     Option("max_eval_samples", int, None, "Use only the first N validation/test rows."),
 ]
@@ -100,10 +113,11 @@ GEN_OPTIONS = [
     Option("temperature", float, 1.0, "Sampling temperature."),
     Option("top_p", float, 1.0, "Nucleus sampling threshold."),
 ]
+TRAINING_ONLY_DATA = ("train_file", "validation_file", "max_train_samples", "group_column", "validation_fraction")
 EVAL_OPTIONS = [
     PREFIX_DIR,
     Option("model", str, None, "Base model; default: the one recorded when the prefix was trained."),
-    *[o for o in DATA_OPTIONS if o.name not in ("train_file", "validation_file", "max_train_samples")],
+    *[o for o in DATA_OPTIONS if o.name not in TRAINING_ONLY_DATA],
     Option("split", str, "test", "Which split of a bundled or hub data set to score.", ("train", "validation", "test")),
     Option("batch_size", int, 64, "Examples per forward pass."),
     Option("max_length", int, None, "Longest input, prefix included; default: the value used in training."),

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from prefixtune import serialization, tasks
+from prefixtune import defaults, serialization, tasks
 from prefixtune.checkpoints import CHECKPOINTS, LATEST, TrainState, load_checkpoint, save_checkpoint
 from prefixtune.data import collate
 from prefixtune.errors import PrefixTuneError
@@ -46,16 +46,23 @@ class TrainConfig:
     """How to train. Every field's help text is also the CLI's `--help` for the matching flag."""
 
     output_dir: str = _opt("Folder for the prefix, checkpoints, metrics.jsonl and curves.png.", "prefixtune-output")
-    epochs: int = _opt("Passes over the training data.", 3)
-    max_steps: int | None = _opt("Stop after this many optimizer steps (overrides epochs).", None)
+    epochs: int | None = _opt(
+        "Passes over the training data. Unset: a step budget, max(1000 steps, 3 epochs), cut short by early "
+        "stopping on validation (1000 steps: where the classification benchmark's prefixes peaked).",
+        None,
+    )
+    max_steps: int | None = _opt("Train for this many optimizer steps (overrides epochs).", None)
     time_limit: float | None = _opt(
         "Stop training after this many seconds, then evaluate and save as usual (the schedule is not shortened).",
         None,
     )
     batch_size: int = _opt("Examples per forward pass (per process).", 16)
     eval_batch_size: int = _opt("Examples per forward pass when evaluating.", 64)
-    learning_rate: float = _opt(
-        "Peak learning rate. Prefixes want far larger rates than fine-tuning: 5e-3..3e-2 (P-tuning v2).", 1e-2
+    learning_rate: float | None = _opt(
+        "Peak learning rate. Unset: measured per method (prefixtune.defaults): 3e-2 for a direct prefix, 1e-3 "
+        "through the MLP, 1e-2 for prompt tuning (1e-1 on a decoder). Prefixes want far larger rates than "
+        "fine-tuning.",
+        None,
     )
     optimizer: str = _opt(
         "adamw | adam | sgd (momentum 0.9) | rmsprop | adafactor (fixed learning rate, no relative step).", "adamw"
@@ -74,10 +81,17 @@ class TrainConfig:
     max_length: int = _opt("Longest input in tokens, prefix included; never more than the model's positions.", 128)
     max_target_length: int | None = _opt("Longest target in tokens (seq2seq); None: same as the input budget.", 64)
     template: str = _opt("Prompt built from each row; {text} is replaced by the row's text.", "{text}")
-    eval_every: int = _opt("Evaluate every N optimizer steps; 0 evaluates at the end of every epoch.", 0)
+    eval_every: int | None = _opt(
+        "Evaluate on validation every N optimizer steps; 0: at the end of every epoch. Unset: 10 times per run.",
+        None,
+    )
     eval_generate: bool = _opt("Also generate and score ROUGE/BLEU at each evaluation (slow); else loss only.", False)
     max_new_tokens: int = _opt("Tokens to generate when scoring generation.", 32)
-    patience: int = _opt("Early stopping: stop after this many evaluations without improvement; 0 never stops.", 0)
+    patience: int | None = _opt(
+        "Early stopping: stop after this many evaluations without improvement; 0 never stops. "
+        "Unset: 3 when there is validation data.",
+        None,
+    )
     metric: str = _opt(
         "Metric that picks the best prefix: auto (accuracy, or loss for generation) or any name.", "auto"
     )
@@ -99,18 +113,22 @@ class TrainConfig:
             raise PrefixTuneError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:
             raise PrefixTuneError(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {self.scheduler!r}")
-        positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "max_length", "log_every")
+        positive = ("epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "max_length", "log_every")
         for name in positive:
             value = getattr(self, name)
+            if value is None and name in ("epochs", "max_steps"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PrefixTuneError(f"{name} must be a positive integer, got {value!r}")
         for name in ("eval_every", "patience", "checkpoint_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if value is None and name != "checkpoint_every":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise PrefixTuneError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise PrefixTuneError(f"max_steps must be a positive integer, got {self.max_steps!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+        if self.learning_rate is not None and not (
+            isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0
+        ):
             raise PrefixTuneError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise PrefixTuneError(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
@@ -144,6 +162,7 @@ class TrainResult:
     skipped_steps: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)
     trainable: dict[str, float] = field(default_factory=dict)
+    config: TrainConfig | None = None  # the settings that ran, every default filled in
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -242,6 +261,299 @@ def _evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], cfg: TrainConfig
     )
 
 
+class Trainer:
+    """One training run in four phases: `__init__` sets up, `fit` trains, `validate` scores, `finish` saves.
+
+    Why a class: the phases share the prepared model, optimizer, schedule, state and log, and a run
+    ends for exactly one `stop` reason (early, interrupted, out of time), which `fit` checks once.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        train_rows: Sequence[dict],
+        eval_rows: Sequence[dict] | None,
+        config: TrainConfig,
+        info: dict | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        config.validate()
+        self.tokenizer, self.eval_rows, self.info = tokenizer, eval_rows, info
+        self.out = Path(config.output_dir)
+        # bf16 is our own autocast rather than Accelerate's mixed_precision, which is fixed once per process.
+        # With no GPU, `cpu=True` is what lets Accelerate join a multi-process launch as gloo CPU ranks.
+        self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not _has_accelerator())
+        self.main = self.accelerator.is_main_process
+        set_seed(config.seed)
+        examples = tasks.encode(
+            model, tokenizer, train_rows, config.max_length, config.template, config.max_target_length
+        )
+        lengths = [len(e["input_ids"]) for e in examples] if config.group_by_length else None
+        self.sampler = EpochSampler(len(examples), config.seed, lengths, config.batch_size)
+        loader = torch.utils.data.DataLoader(
+            examples,
+            batch_size=config.batch_size,
+            sampler=self.sampler,
+            collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id, "right"),
+            generator=torch.Generator().manual_seed(config.seed),  # never draw from the global RNG
+        )
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        if not self.params:
+            raise PrefixTuneError("the model has no trainable parameters (method 'text' trains nothing)")
+        shards = self.accelerator.num_processes
+        self.loader = self.accelerator.prepare(loader)  # first: the budget counts this process's share of the data
+        steps_per_epoch = math.ceil(len(self.loader) / config.grad_accum)
+        self.cfg = cfg = defaults.resolve(config, model, steps_per_epoch, bool(eval_rows))
+        model.train()
+        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(self.params, cfg))
+        self.total = cfg.max_steps
+        # Accelerate steps a prepared scheduler once per process for every optimizer step.
+        self.scheduler = self.accelerator.prepare(build_scheduler(self.optimizer, cfg, self.total * shards))
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.metric = metric_name(cfg, self.unwrapped.task)
+        self.state = TrainState()
+        if cfg.resume:
+            self.state = load_checkpoint(self.out, self.accelerator, self.model, self.optimizer, self.scheduler, cfg)
+        self.log = MetricsLog(self.out / METRICS_LOG, self.main)
+        if self.main:
+            self._start_files()
+        self.last_eval: dict[str, float] = {}
+        self.evaluated_at = -1
+        self.micro_losses: list[float] = []
+        self.stop: str | None = None  # why training ended before its budget: early | interrupted | time
+
+    def _start_files(self) -> None:
+        if not self.cfg.resume and (self.out / CHECKPOINTS).exists():
+            # A later --resume must never pick up a checkpoint of an earlier, different run.
+            print(
+                f"note: {self.out} held checkpoints of an earlier run; starting over (--resume continues one)",
+                file=sys.stderr,
+            )
+            shutil.rmtree(self.out / CHECKPOINTS)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log.restart(self.state.step if self.cfg.resume else None)
+        record = {
+            "model": None,
+            **(self.info or {}),
+            "task": self.unwrapped.task,
+            "template": self.cfg.template,
+            "max_length": self.cfg.max_length,
+            "max_target_length": self.cfg.max_target_length,
+            "train_config": dataclasses.asdict(self.cfg),
+        }
+        serialization.write_json(self.out / tasks.TRAIN_INFO, record)
+
+    # ------------------------------------------------------------------------------------ phases
+    def fit(
+        self,
+        stop_hook: Callable[[TrainState], bool] | None = None,
+        eval_hook: Callable[[int, dict[str, float]], bool] | None = None,
+    ) -> None:
+        """Optimizer steps until the budget is spent or a stop reason appears."""
+        from tqdm.auto import tqdm
+
+        cfg, state = self.cfg, self.state
+        self.bar = tqdm(
+            total=self.total,
+            initial=state.step,
+            disable=not (self.main and cfg.progress),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        self.started, self.base_seconds = time.perf_counter(), state.seconds
+        self.window: list[float] = []
+        while state.step < self.total and self.stop is None:
+            self.sampler.epoch = state.epoch
+            skip = state.batch_in_epoch
+            data = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            for batch in data:
+                if not self._micro_step(batch):
+                    continue
+                evaluated = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
+                if evaluated and self.validate(eval_hook):
+                    self.stop = "early"
+                if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
+                    evaluated and not cfg.checkpoint_every
+                ):
+                    self._checkpoint()
+                if stop_hook is not None and stop_hook(state):
+                    self.stop = "interrupted"
+                if self.stop is None and cfg.time_limit and time.perf_counter() - self.started > cfg.time_limit:
+                    self.stop = "time"
+                if self.stop is not None or state.step >= self.total:
+                    break
+            if state.batch_in_epoch >= len(self.loader) and self.stop != "interrupted":  # the epoch is complete
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                if cfg.eval_every == 0 and self.stop is None:
+                    if self.validate(eval_hook):
+                        self.stop = "early"
+                    if not cfg.checkpoint_every:
+                        self._checkpoint()
+        self.bar.close()
+        state.seconds = self.base_seconds + time.perf_counter() - self.started
+        if self.stop != "interrupted" and self.eval_rows and self.evaluated_at != state.step and self.stop != "early":
+            if self.validate(eval_hook):  # the final steps were never evaluated
+                self.stop = "early"
+
+    def _micro_step(self, batch: dict) -> bool:
+        """Forward and backward one micro-batch; at a gradient-sync boundary also step, log, and say True."""
+        state, acc = self.state, self.accelerator
+        problem = None
+        with acc.accumulate(self.model):
+            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                loss = self.model(**batch).loss
+            self.micro_losses.append(float(loss.detach()))
+            acc.backward(loss)
+            if acc.sync_gradients:
+                problem = self._bad_numbers()
+                if problem is None and self.cfg.max_grad_norm:
+                    acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            if problem is None:
+                self.optimizer.step()
+                self.scheduler.step()
+            self.optimizer.zero_grad()
+        state.batch_in_epoch += 1
+        if not acc.sync_gradients:
+            return False
+        if problem is not None:
+            self._skip_or_stop(problem)
+        state.step += 1
+        if problem is None:
+            self.window.append(sum(self.micro_losses) / len(self.micro_losses))
+            self.bar.set_postfix(loss=f"{self.window[-1]:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        self.micro_losses.clear()
+        self.bar.update(1)
+        if self.window and (state.step % self.cfg.log_every == 0 or state.step == self.total):
+            self.log.write(
+                {
+                    "split": "train",
+                    "step": state.step,
+                    "epoch": self._epoch(),
+                    "loss": sum(self.window) / len(self.window),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
+                }
+            )
+            self.window.clear()
+        return True
+
+    def validate(self, eval_hook: Callable[[int, dict[str, float]], bool] | None = None) -> bool:
+        """Score validation on the main process and keep the best prefix; True means stop now (all processes)."""
+        state, cfg = self.state, self.cfg
+        stop, self.evaluated_at = False, state.step
+        if self.main and self.eval_rows:
+            self.last_eval = _evaluate(self.unwrapped, self.tokenizer, self.eval_rows, cfg)
+            if self.metric not in self.last_eval:
+                raise PrefixTuneError(
+                    f"metric {self.metric!r} is not computed; available: {', '.join(self.last_eval)}"
+                )
+            self.log.write({"split": "eval", "step": state.step, "epoch": self._epoch(), **self.last_eval})
+            if better(self.metric, self.last_eval[self.metric], state.best):
+                state.best, state.best_step, state.bad_evals = self.last_eval[self.metric], state.step, 0
+                self.unwrapped.save_pretrained(self.out)
+            else:
+                state.bad_evals += 1
+                stop = cfg.patience > 0 and state.bad_evals >= cfg.patience
+            if eval_hook is not None and eval_hook(state.step, dict(self.last_eval)):
+                stop = True
+            plot_curves(self.log.records(), self.out / CURVES)
+            self.bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()))
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            stop = broadcast_object_list([stop])[0]
+        return stop
+
+    def finish(self) -> TrainResult:
+        """Put the best prefix back in the model, save it with the curves, and print the summary."""
+        if self.stop != "interrupted":
+            if self.main:
+                if self.eval_rows and self.state.best_step is not None:
+                    best = serialization.read_tensors(self.out)  # the best prefix, written at its evaluation
+                    self.unwrapped.load_tensors(best, source=str(self.out))
+                else:
+                    self.unwrapped.save_pretrained(self.out)
+                records = self.log.records()
+                if records:
+                    plot_curves(records, self.out / CURVES)
+            self.accelerator.wait_for_everyone()
+        result = TrainResult(
+            output_dir=self.cfg.output_dir,
+            steps=self.state.step,
+            epochs_completed=self._epoch(),
+            seconds=self.state.seconds,
+            best_metric=self.metric,
+            best_value=self.state.best,
+            best_step=self.state.best_step,
+            stopped_early=self.stop == "early",
+            out_of_time=self.stop == "time",
+            skipped_steps=self.state.skipped_steps,
+            last_eval=dict(self.last_eval),
+            trainable=self.unwrapped.trainable_parameters(),
+            config=self.cfg,
+        )
+        if self.main and self.stop != "interrupted":
+            print(summary_table(result_rows(result)))
+        return result
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _epoch(self) -> float:
+        return round(self.state.epoch + self.state.batch_in_epoch / max(len(self.loader), 1), 4)
+
+    def _checkpoint(self) -> None:
+        self.state.seconds = self.base_seconds + time.perf_counter() - self.started
+        save_checkpoint(self.out, self.accelerator, self.model, self.optimizer, self.scheduler, self.state, self.cfg)
+
+    def _bad_numbers(self) -> str | None:
+        """Why this step's loss or gradients are unusable (NaN/inf), agreed by every process; None if fine."""
+        bad_loss = [v for v in self.micro_losses if not math.isfinite(v)]
+        problem = None
+        if bad_loss:
+            problem = f"the loss is {bad_loss[0]}"
+        elif broken := _non_finite_gradients(self.named):
+            problem = f"the gradients of {', '.join(broken)} hold NaN or inf values (the loss was finite)"
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([0.0 if problem is None else 1.0], device=self.accelerator.device)
+            if float(self.accelerator.reduce(flag, reduction="sum").item()) > 0 and problem is None:
+                problem = "another process saw a NaN/inf loss or gradient"
+        return problem
+
+    def _skip_or_stop(self, problem: str) -> None:
+        """A step with bad numbers: skipped and counted, or the end of training (the prefix was not updated)."""
+        state, at = self.state, self.state.step + 1
+        if self.cfg.skip_bad_batches:
+            state.skipped_steps += 1
+            self.log.write({"split": "skipped", "step": at, "reason": problem, "skipped_steps": state.skipped_steps})
+            if self.main:
+                self.bar.write(f"step {at}: skipped, {problem} ({state.skipped_steps} skipped so far)")
+            return
+        kept = "the best prefix so far stays"
+        if self.main and not (self.eval_rows and state.best_step is not None) and _all_finite(self.unwrapped):
+            self.unwrapped.save_pretrained(self.out)  # the last good prefix: this step never reached the optimizer
+            kept = "the last good prefix (before this step) is saved"
+        self.log.write({"split": "stopped", "step": at, "reason": problem})
+        self.bar.close()
+        latest = self._latest_checkpoint()
+        resume = f"; --resume continues from the checkpoint of step {latest}" if latest is not None else ""
+        raise PrefixTuneError(
+            f"training stopped at step {at} (epoch {state.epoch + 1}): {problem}; {kept} in {self.out}{resume}. "
+            "Lower --learning-rate, check the data, or pass --skip-bad-batches to skip such steps"
+        )
+
+    def _latest_checkpoint(self) -> int | None:
+        try:
+            return int(json.loads((self.out / CHECKPOINTS / LATEST).read_text(encoding="utf-8"))["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
 def train(
     model: Any,
     tokenizer: Any,
@@ -250,269 +562,19 @@ def train(
     config: TrainConfig | None = None,
     info: dict | None = None,
     stop_hook: Callable[[TrainState], bool] | None = None,
+    eval_hook: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> TrainResult:
     """Train `model` (a PrefixModel) on rows `{"text", "label"|"target"}`; write everything to `output_dir`.
 
     `info` is stored as prefixtune_train.json next to the prefix (base model name, label names),
     so `evaluate`/`predict` can rebuild the model later. `stop_hook(state)` is called after every
     optimizer step; returning True stops the run right there as if it had been killed (tests).
+    `eval_hook(step, metrics)` is called on the main process after every evaluation; returning True
+    ends training there as early stopping does (the best prefix is kept): a search prunes trials with it.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    cfg = config or TrainConfig()
-    cfg.validate()
-    out = Path(cfg.output_dir)
-    # bf16 is our own autocast rather than Accelerate's mixed_precision, which is fixed once per process.
-    # With no GPU, `cpu=True` is what lets Accelerate join a multi-process launch as gloo CPU ranks.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not _has_accelerator())
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
-    if not cfg.resume and (out / CHECKPOINTS).exists() and main:
-        # A later --resume must never pick up a checkpoint of an earlier, different run.
-        print(
-            f"note: {out} held checkpoints of an earlier run; starting over (--resume continues one)", file=sys.stderr
-        )
-        shutil.rmtree(out / CHECKPOINTS)
-
-    examples = tasks.encode(model, tokenizer, train_rows, cfg.max_length, cfg.template, cfg.max_target_length)
-    lengths = [len(e["input_ids"]) for e in examples] if cfg.group_by_length else None
-    sampler = EpochSampler(len(examples), cfg.seed, lengths, cfg.batch_size)
-    loader = torch.utils.data.DataLoader(
-        examples,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id, "right"),
-        generator=torch.Generator().manual_seed(cfg.seed),  # never draw from the global RNG
-    )
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    if not params:
-        raise PrefixTuneError("the model has no trainable parameters (method 'text' trains nothing)")
-    optimizer = build_optimizer(params, cfg)
-    model.train()
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)  # this process's share of the data
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    # Accelerate steps a prepared scheduler once per process for every optimizer step.
-    scheduler = accelerator.prepare(build_scheduler(optimizer, cfg, total * accelerator.num_processes))
-    unwrapped = accelerator.unwrap_model(model)
-
-    state = TrainState()
-    if cfg.resume:
-        state = load_checkpoint(out, accelerator, model, optimizer, scheduler, cfg)
-    log = MetricsLog(out / METRICS_LOG, main)
-    if main:
-        if not cfg.resume and (out / CHECKPOINTS).exists():
-            # A later --resume must never pick up a checkpoint of an earlier, different run.
-            print(
-                f"note: removing the checkpoints of an earlier run in {out} (--resume continues one)", file=sys.stderr
-            )
-            shutil.rmtree(out / CHECKPOINTS)
-        out.mkdir(parents=True, exist_ok=True)
-        log.restart(state.step if cfg.resume else None)
-        record = {
-            "model": None,
-            **(info or {}),
-            "task": unwrapped.task,
-            "template": cfg.template,
-            "max_length": cfg.max_length,
-            "max_target_length": cfg.max_target_length,
-            "train_config": dataclasses.asdict(cfg),
-        }
-        serialization.write_json(out / tasks.TRAIN_INFO, record)
-    metric = metric_name(cfg, unwrapped.task)
-    bar = tqdm(
-        total=total,
-        initial=state.step,
-        disable=not (main and cfg.progress),
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    started, base_seconds = time.perf_counter(), state.seconds
-    last_eval: dict[str, float] = {}
-    stopped_early = interrupted = False
-    evaluated_at = -1
-    window: list[float] = []
-    micro_losses: list[float] = []
-
-    def run_eval() -> bool:
-        """Evaluate on the main process; keep the best prefix; say whether to stop early (all processes)."""
-        nonlocal last_eval, evaluated_at
-        stop, evaluated_at = False, state.step
-        if main and eval_rows:
-            last_eval = _evaluate(unwrapped, tokenizer, eval_rows, cfg)
-            if metric not in last_eval:
-                raise PrefixTuneError(f"metric {metric!r} is not computed; available: {', '.join(last_eval)}")
-            log.write({"split": "eval", "step": state.step, "epoch": round(state.epoch + frac(), 4), **last_eval})
-            if better(metric, last_eval[metric], state.best):
-                state.best, state.best_step, state.bad_evals = last_eval[metric], state.step, 0
-                unwrapped.save_pretrained(out)
-            else:
-                state.bad_evals += 1
-                stop = cfg.patience > 0 and state.bad_evals >= cfg.patience
-            plot_curves(log.records(), out / CURVES)
-            bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            stop = broadcast_object_list([stop])[0]
-        return stop
-
-    def frac() -> float:
-        return state.batch_in_epoch / max(len(loader), 1)
-
-    def checkpoint() -> None:
-        state.seconds = base_seconds + time.perf_counter() - started
-        save_checkpoint(out, accelerator, model, optimizer, scheduler, state, cfg)
-
-    def bad_numbers() -> str | None:
-        """Why this step's loss or gradients are unusable (NaN/inf), agreed by every process; None if fine."""
-        bad_loss = [v for v in micro_losses if not math.isfinite(v)]
-        problem = None
-        if bad_loss:
-            problem = f"the loss is {bad_loss[0]}"
-        elif broken := _non_finite_gradients(named):
-            problem = f"the gradients of {', '.join(broken)} hold NaN or inf values (the loss was finite)"
-        if accelerator.num_processes > 1:
-            flag = torch.tensor([0.0 if problem is None else 1.0], device=accelerator.device)
-            if float(accelerator.reduce(flag, reduction="sum").item()) > 0 and problem is None:
-                problem = "another process saw a NaN/inf loss or gradient"
-        return problem
-
-    def skip_or_stop(problem: str) -> None:
-        """A step with bad numbers: skipped and counted, or the end of training (the prefix was not updated)."""
-        at = state.step + 1
-        if cfg.skip_bad_batches:
-            state.skipped_steps += 1
-            log.write({"split": "skipped", "step": at, "reason": problem, "skipped_steps": state.skipped_steps})
-            if main:
-                bar.write(f"step {at}: skipped, {problem} ({state.skipped_steps} skipped so far)")
-            return
-        kept = "the best prefix so far stays"
-        if main and not (eval_rows and state.best_step is not None) and _all_finite(unwrapped):
-            unwrapped.save_pretrained(out)  # the last good prefix: this step never reached the optimizer
-            kept = "the last good prefix (before this step) is saved"
-        log.write({"split": "stopped", "step": at, "reason": problem})
-        bar.close()
-        latest = root_latest()
-        resume = f"; --resume continues from the checkpoint of step {latest}" if latest is not None else ""
-        raise PrefixTuneError(
-            f"training stopped at step {at} (epoch {state.epoch + 1}): {problem}; {kept} in {out}{resume}. "
-            "Lower --learning-rate, check the data, or pass --skip-bad-batches to skip such steps"
-        )
-
-    def root_latest() -> int | None:
-        try:
-            return int(json.loads((out / CHECKPOINTS / LATEST).read_text(encoding="utf-8"))["step"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    out_of_time = False
-    while state.step < total and not (stopped_early or interrupted or out_of_time):
-        sampler.epoch = state.epoch
-        data = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-        for batch in data:
-            problem = None
-            with accelerator.accumulate(model):
-                with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = model(**batch).loss
-                micro_losses.append(float(loss.detach()))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    problem = bad_numbers()
-                    if problem is None and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                if problem is None:
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad()
-            state.batch_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            if problem is not None:
-                skip_or_stop(problem)
-            state.step += 1
-            if problem is None:
-                window.append(sum(micro_losses) / len(micro_losses))
-                bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            micro_losses.clear()
-            bar.update(1)
-            if window and (state.step % cfg.log_every == 0 or state.step == total):
-                mean = sum(window) / len(window)
-                log.write(
-                    {
-                        "split": "train",
-                        "step": state.step,
-                        "epoch": round(state.epoch + frac(), 4),
-                        "loss": mean,
-                        "lr": scheduler.get_last_lr()[0],
-                        **({"skipped_steps": state.skipped_steps} if state.skipped_steps else {}),
-                    }
-                )
-                window.clear()
-            evaluated = cfg.eval_every > 0 and state.step % cfg.eval_every == 0
-            if evaluated:
-                stopped_early = run_eval()
-            if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
-                evaluated and not cfg.checkpoint_every
-            ):
-                checkpoint()
-            if stop_hook is not None and stop_hook(state):
-                interrupted = True
-            if cfg.time_limit and time.perf_counter() - started > cfg.time_limit:
-                out_of_time = True
-            if stopped_early or interrupted or out_of_time or state.step >= total:
-                break
-        if state.batch_in_epoch >= len(loader) and not interrupted:  # the epoch is complete
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            if cfg.eval_every == 0 and not stopped_early:
-                stopped_early = run_eval()
-                if not cfg.checkpoint_every:
-                    checkpoint()
-    bar.close()
-    state.seconds = base_seconds + time.perf_counter() - started
-    if interrupted:
-        return _result(cfg, state, metric, stopped_early, last_eval, unwrapped, frac())
-    if eval_rows and evaluated_at != state.step and not stopped_early:
-        stopped_early = run_eval()  # the final steps were never evaluated
-    if main:
-        if eval_rows and state.best_step is not None:
-            best = serialization.read_tensors(out)  # the best prefix, written at its evaluation
-            unwrapped.load_tensors(best, source=str(out))
-        else:
-            unwrapped.save_pretrained(out)
-        records = log.records()
-        if records:
-            plot_curves(records, out / CURVES)
-    accelerator.wait_for_everyone()
-    result = _result(cfg, state, metric, stopped_early, last_eval, unwrapped, frac())
-    result.out_of_time = out_of_time
-    if main:
-        print(summary_table(result_rows(result)))
-    return result
-
-
-def _result(
-    cfg: TrainConfig, state: TrainState, metric: str, stopped: bool, last: dict, model: Any, frac: float
-) -> TrainResult:
-    return TrainResult(
-        output_dir=cfg.output_dir,
-        steps=state.step,
-        epochs_completed=round(state.epoch + frac, 4),
-        seconds=state.seconds,
-        best_metric=metric,
-        best_value=state.best,
-        best_step=state.best_step,
-        stopped_early=stopped,
-        skipped_steps=state.skipped_steps,
-        last_eval=dict(last),
-        trainable=model.trainable_parameters(),
-    )
+    trainer = Trainer(model, tokenizer, train_rows, eval_rows, config or TrainConfig(), info)
+    trainer.fit(stop_hook, eval_hook)
+    return trainer.finish()
 
 
 def result_rows(result: TrainResult) -> list[tuple[str, Any]]:

@@ -1,0 +1,64 @@
+"""Training defaults sized to the data, and where each number comes from.
+
+A prefix is far more sensitive to its learning rate and to the number of steps than full
+fine-tuning is: three epochs of an 800-row CSV are about 150 optimizer steps, and the prefix is still
+learning when they end. So an unset budget is counted in optimizer steps (at least
+`MIN_STEPS`), and validation decides when to stop: `EVALUATIONS` evaluations per run, stopping after
+`PATIENCE` of them without improvement, and the best prefix is the one kept.
+
+Every value here was chosen from a measurement of this project (BENCHMARKS.md, "Classification
+quality", "Generation quality" and "Defaults"); the README's "Defaults" section repeats the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+MIN_STEPS = 1000  # the classification benchmark's best prefix epochs were 600-1000 steps at batch 16-32
+EPOCHS = 3  # on large data sets the budget is this many epochs (when that is more than MIN_STEPS)
+EVALUATIONS = 10  # evaluations on validation per run, when --eval-every is not given
+PATIENCE = 3  # evaluations without improvement before stopping, when validation data exists
+
+# (method, reparam, task) -> peak learning rate; None matches any value. First match wins.
+LEARNING_RATES: list[tuple[tuple[str | None, str | None, str | None], float, str]] = [
+    (("prefix", "mlp", None), 1e-3, "MLP reparameterisation: best of 1e-3/3e-3 in both quality benchmarks"),
+    (("prefix", None, None), 3e-2, "direct prefix: best of 1e-2/3e-2 (classification) and 3e-2/1e-1 (generation)"),
+    (("prompt", None, "causal_lm"), 1e-1, "prompt tuning on a decoder: best of 3e-2/1e-1 (generation benchmark)"),
+    (("prompt", None, None), 1e-2, "prompt tuning: best of 1e-2/3e-2 (classification benchmark)"),
+    ((None, None, None), 1e-2, "a head alone (method text): best of 3e-3/1e-2 (classification benchmark)"),
+]
+
+
+def learning_rate(method: str, reparam: str, task: str) -> float:
+    """The measured default peak learning rate for a prefix of this kind on this task."""
+    for (m, r, t), rate, _ in LEARNING_RATES:
+        if m in (None, method) and r in (None, reparam) and t in (None, task):
+            return rate
+    raise AssertionError("the last LEARNING_RATES entry matches everything")
+
+
+def budget(steps_per_epoch: int, epochs: int | None, max_steps: int | None) -> int:
+    """Optimizer steps to train for: `max_steps`, else `epochs` epochs, else max(MIN_STEPS, EPOCHS epochs)."""
+    if max_steps:
+        return max_steps
+    if epochs:
+        return epochs * steps_per_epoch
+    return max(MIN_STEPS, EPOCHS * steps_per_epoch)
+
+
+def resolve(cfg: Any, model: Any, steps_per_epoch: int, has_validation: bool) -> Any:
+    """`cfg` with every unset (None) default filled in for this model and data; the result is what runs."""
+    prefix = getattr(model, "prefix_config", None)
+    method = getattr(prefix, "method", "text")
+    reparam = getattr(prefix, "reparam", "none")
+    task = getattr(model, "task", "classification")
+    total = budget(steps_per_epoch, cfg.epochs, cfg.max_steps)
+    filled = {
+        "learning_rate": cfg.learning_rate if cfg.learning_rate is not None else learning_rate(method, reparam, task),
+        "max_steps": total,
+        "eval_every": cfg.eval_every if cfg.eval_every is not None else max(1, math.ceil(total / EVALUATIONS)),
+        "patience": cfg.patience if cfg.patience is not None else (PATIENCE if has_validation else 0),
+    }
+    return dataclasses.replace(cfg, **filled)

@@ -1,0 +1,117 @@
+"""Defaults sized to the data: the step budget, early stopping on validation, measured learning rates,
+and the validation part held out of the training rows when none is given."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tinysaved
+from test_train import CLS_ROWS, classifier
+
+from prefixtune import cli, defaults
+from prefixtune.errors import PrefixTuneError
+from prefixtune.splits import hold_out
+from prefixtune.train import TrainConfig, train
+
+
+# ------------------------------------------------------------------------------------ step budget
+def test_small_data_gets_the_minimum_step_budget_large_data_three_epochs():
+    assert defaults.budget(steps_per_epoch=50, epochs=None, max_steps=None) == defaults.MIN_STEPS  # 20 epochs
+    assert defaults.budget(steps_per_epoch=636, epochs=None, max_steps=None) == 3 * 636  # Rotten Tomatoes, batch 16
+    assert defaults.budget(steps_per_epoch=50, epochs=4, max_steps=None) == 200  # epochs given: as asked
+    assert defaults.budget(steps_per_epoch=50, epochs=4, max_steps=7) == 7  # max_steps wins
+
+
+@pytest.mark.parametrize(
+    ("method", "reparam", "task", "rate"),
+    [
+        ("prefix", "none", "classification", 3e-2),
+        ("prefix", "mlp", "causal_lm", 1e-3),
+        ("prompt", "none", "classification", 1e-2),
+        ("prompt", "none", "causal_lm", 1e-1),
+        ("text", "none", "classification", 1e-2),
+    ],
+)
+def test_learning_rate_defaults_follow_the_method_and_task(method, reparam, task, rate):
+    assert defaults.learning_rate(method, reparam, task) == rate
+
+
+def test_unset_defaults_are_filled_from_the_data_and_stop_early_on_validation(tmp_path):
+    model, tok = classifier()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=8, max_length=32, progress=False)
+    assert config.epochs is None and config.learning_rate is None
+    # A rate this small cannot improve validation accuracy, so patience ends the run after 3 evaluations.
+    config.learning_rate = 1e-12
+    result = train(model, tok, CLS_ROWS, CLS_ROWS[:8], config)
+    used = result.config
+    assert used.max_steps == defaults.MIN_STEPS  # 40 rows / batch 8 = 5 steps an epoch: far below 1000
+    assert used.eval_every == defaults.MIN_STEPS // defaults.EVALUATIONS and used.patience == defaults.PATIENCE
+    assert result.stopped_early and result.steps == (defaults.PATIENCE + 1) * used.eval_every
+    evals = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "eval"]  # fmt: skip
+    assert [r["step"] for r in evals] == [100, 200, 300, 400]
+    saved = json.loads((tmp_path / "run" / "prefixtune_train.json").read_text())["train_config"]
+    assert saved["max_steps"] == 1000 and saved["learning_rate"] == 1e-12  # what ran is recorded
+
+
+def test_without_validation_nothing_stops_early_and_the_measured_rate_is_used(tmp_path):
+    model, tok = classifier()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=8, max_length=32, progress=False, max_steps=3)
+    result = train(model, tok, CLS_ROWS, None, config)
+    assert result.config.patience == 0 and result.config.learning_rate == 3e-2 and result.steps == 3
+
+
+# ---------------------------------------------------------------------------------- carve-out
+def _rows(n: int, groups: int) -> list[dict]:
+    return [{"text": f"row {i}", "label": i % 2, "group": f"g{i % groups}"} for i in range(n)]
+
+
+def test_hold_out_puts_no_row_in_both_parts_and_is_seeded():
+    rows = _rows(200, 200)
+    train_rows, val = hold_out(rows, seed=3)
+    assert len(val) == 20 and len(train_rows) == 180
+    assert not {r["text"] for r in train_rows} & {r["text"] for r in val}
+    assert hold_out(rows, seed=3) == (train_rows, val) and hold_out(rows, seed=4)[1] != val
+
+
+def test_hold_out_keeps_groups_whole():
+    rows = _rows(300, 30)
+    train_rows, val = hold_out(rows, seed=0, group_key="group")
+    assert not {r["group"] for r in train_rows} & {r["group"] for r in val}
+    assert len(train_rows) + len(val) == 300 and 0 < len(val) < 60
+
+
+def test_hold_out_refuses_what_cannot_be_split():
+    with pytest.raises(PrefixTuneError, match="cannot hold out a validation part of 10% from 3 rows"):
+        hold_out(_rows(3, 3), seed=0)
+    with pytest.raises(PrefixTuneError, match="1 groups"):
+        hold_out(_rows(20, 1), seed=0, group_key="group")
+    with pytest.raises(PrefixTuneError, match="no group value"):
+        hold_out([{"text": "a", "label": 0}] * 20, seed=0, group_key="group")
+
+
+def test_cli_without_validation_file_holds_out_whole_groups_and_says_so(tmp_path, capsys, monkeypatch):
+    bert = tinysaved.save("bert", tmp_path / "bert", task="classification")
+    rows = [dict(r, author=f"a{i % 12}") for i, r in enumerate(tinysaved.sentiment_rows(60))]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen: list[list[dict]] = []
+    from prefixtune import train as train_module
+
+    original = train_module.Trainer.__init__
+
+    def spy(self, model, tokenizer, train_rows, eval_rows, config, info=None):
+        seen.extend([list(train_rows), list(eval_rows)])
+        original(self, model, tokenizer, train_rows, eval_rows, config, info)
+
+    monkeypatch.setattr(train_module.Trainer, "__init__", spy)
+    code = cli.main(["train", "--model", bert, "--train-file", str(data), "--group-column", "author",
+                     "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--no-progress",
+                     "--num-virtual-tokens", "2", "--max-length", "32"])  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "no validation data given; held out" in err and "whole 'author' groups" in err
+    fit, val = seen
+    assert len(fit) + len(val) == 60 and val
+    assert not {r["group"] for r in fit} & {r["group"] for r in val}
