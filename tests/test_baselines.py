@@ -168,3 +168,38 @@ def test_tfidf_without_scikit_learn_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
     with pytest.raises(PrefixTuneError, match=r"pip install 'prefixtune\[baselines\]'"):
         baselines.tfidf(TRAIN, EVAL)
+
+
+# ------------------------------------------------------------------------------- beside a trained prefix
+def test_cli_train_reports_the_baselines_beside_the_prefix_in_the_table_and_test_metrics(tmp_path, capsys):
+    import json
+
+    import tinysaved
+
+    from prefixtune import cli
+
+    bert = tinysaved.save("bert", tmp_path / "bert", task="classification")
+    files = {}
+    for split, (n, seed) in {"train": (48, 0), "validation": (12, 1), "test": (16, 2)}.items():
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in tinysaved.sentiment_rows(n, seed=seed)))
+    out = tmp_path / "out"
+    argv = ["train", "--model", bert, "--train-file", files["train"], "--validation-file", files["validation"],
+            "--test-file", files["test"], "--output-dir", out, "--max-steps", "4", "--no-progress",
+            "--num-virtual-tokens", "2", "--max-length", "32", "--baseline", "head,tfidf"]  # fmt: skip
+    assert cli.main([str(a) for a in argv]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy beside the baselines (16 rows)" in printed and "head only" in printed
+    saved = json.loads((out / "test_metrics.json").read_text())
+    assert set(saved["baselines"]) == {"head_only", "tfidf"}
+    for found in saved["baselines"].values():
+        assert 0 <= found["accuracy"] <= 1 and found["train_rows"] == 48
+
+
+def test_cli_refuses_an_unknown_baseline_before_training(tmp_path, capsys):
+    from prefixtune import cli
+
+    code = cli.main(["train", "--model", "minilm", "--dataset", "rotten_tomatoes", "--baseline", "bow",
+                     "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2 and "unknown baseline(s) ['bow']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

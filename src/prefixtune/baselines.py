@@ -200,6 +200,15 @@ def head_only(
     return metrics
 
 
+def _sklearn() -> tuple[Any, Any]:
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise PrefixTuneError("the tfidf baseline needs scikit-learn: pip install 'prefixtune[baselines]'") from None
+    return TfidfVectorizer, LogisticRegression
+
+
 def tfidf(
     train_rows: Sequence[dict], eval_rows: Sequence[dict], validation_rows: Sequence[dict] | None = None, seed: int = 0
 ) -> dict[str, float]:
@@ -208,11 +217,7 @@ def tfidf(
     C is 1.0, or the best of a small grid on `validation_rows` when given: never tuned on `eval_rows`.
     Terms seen once are dropped from 1000 training rows on (noise there; on toy sets, all there is).
     """
-    try:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-    except ImportError:
-        raise PrefixTuneError("the tfidf baseline needs scikit-learn: pip install 'prefixtune[baselines]'") from None
+    TfidfVectorizer, LogisticRegression = _sklearn()
     start = time.perf_counter()
     y_train, y_eval = _labels(train_rows, "training"), _labels(eval_rows, "evaluation")
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2 if len(y_train) >= 1000 else 1)
@@ -231,3 +236,39 @@ def tfidf(
     metrics: dict[str, float] = classification_metrics(preds, y_eval)
     metrics.update(C=best, seconds=time.perf_counter() - start, train_rows=len(y_train))
     return metrics
+
+
+BASELINES = ("head", "tfidf")
+
+
+def check(kinds: Sequence[str]) -> None:
+    """Refuse unknown names, and tfidf without scikit-learn, before a run spends its time training."""
+    unknown = [k for k in kinds if k not in (*BASELINES, "none")]
+    if unknown:
+        raise PrefixTuneError(f"unknown baseline(s) {unknown}; expected any of {', '.join(BASELINES)}, or none")
+    if "tfidf" in kinds:
+        _sklearn()
+
+
+def compare(
+    model: PrefixModel,
+    tokenizer: Any,
+    kinds: Sequence[str],
+    train_rows: Sequence[dict],
+    score_rows: Sequence[dict],
+    validation_rows: Sequence[dict] | None = None,
+    *,
+    max_length: int = 128,
+    batch_size: int = 64,
+    template: str = "{text}",
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """The baselines named in `kinds` ('head', 'tfidf'), each trained on `train_rows` and scored on `score_rows`."""
+    check(kinds)
+    out: dict[str, dict[str, float]] = {}
+    if "head" in kinds:
+        options = dict(max_length=max_length, batch_size=batch_size, template=template, seed=seed)
+        out["head_only"] = head_only(model, tokenizer, train_rows, score_rows, **options)
+    if "tfidf" in kinds:
+        out["tfidf"] = tfidf(train_rows, score_rows, validation_rows, seed=seed)
+    return out

@@ -160,33 +160,59 @@ def build_model(opts: dict, train_rows: list[dict], label_names: list[str] | Non
 
 
 def train(**options: Any) -> TrainResult:
-    """Load model and data, attach a prefix, train it, then score the test split if there is one."""
-    from prefixtune import tasks
+    """Load model and data, attach a prefix, train it, then score the test split and the baselines beside it."""
+    from prefixtune import baselines
 
     opts = resolve_options("train", options)
     if not opts["model"]:
         raise PrefixTuneError("train needs --model (minilm, smollm2, a folder or a hub name)")
+    baselines.check(opts["baseline"])
     splits, label_names = load_training_data(opts)
     model, tokenizer, train_cfg = build_model(opts, splits["train"], label_names)
     info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"]}
     result = run_training(model, tokenizer, splits["train"], splits["validation"], train_cfg, info)
+    if _is_main_process():  # under `accelerate launch` the other processes are done
+        _report(model, tokenizer, splits, opts, result)
+    return result
+
+
+def _report(model: Any, tokenizer: Any, splits: dict[str, list[dict]], opts: dict, result: TrainResult) -> None:
+    """Score the test split (if any) and, for a classifier, the baselines beside it on the same rows."""
+    from prefixtune import baselines, tasks
+
+    cfg = result.config or TrainConfig()
     test_rows = splits.get("test")
-    if test_rows and _is_main_process():  # under `accelerate launch` the other processes are done
+    metrics: dict[str, Any] = {}
+    if test_rows:
         metrics = tasks.evaluate(
             model,
             tokenizer,
             test_rows,
-            train_cfg.max_length,
-            train_cfg.eval_batch_size,
-            train_cfg.template,
-            train_cfg.max_target_length,
-            train_cfg.max_new_tokens,
-            bf16=train_cfg.bf16,
+            cfg.max_length,
+            cfg.eval_batch_size,
+            cfg.template,
+            cfg.max_target_length,
+            cfg.max_new_tokens,
+            bf16=cfg.bf16,
         )
-        serialization.write_json(Path(train_cfg.output_dir) / "test_metrics.json", metrics)
         _print_table(list(metrics.items()), f"test ({len(test_rows)} rows)")
         result.last_eval = {f"test_{k}": v for k, v in metrics.items()} | result.last_eval
-    return result
+    kinds = [k for k in opts["baseline"] if k != "none"]
+    if model.task == "classification" and kinds:
+        split = "test" if test_rows else "validation"
+        scored = splits[split]
+        found = baselines.compare(
+            model, tokenizer, kinds, splits["train"], scored, splits["validation"], max_length=cfg.max_length,
+            batch_size=cfg.eval_batch_size, template=cfg.template, seed=cfg.seed,
+        )  # fmt: skip
+        prefix_accuracy = metrics["accuracy"] if test_rows else result.best_value
+        rows: list[tuple[str, Any]] = [("prefix", prefix_accuracy)]
+        rows += [(name.replace("_", " "), m["accuracy"]) for name, m in found.items()]
+        _print_table(rows, f"{split} accuracy beside the baselines ({len(scored)} rows)")
+        metrics["baselines"] = found
+    if metrics:
+        name = "test_metrics.json" if test_rows else "validation_baselines.json"
+        serialization.write_json(Path(cfg.output_dir) / name, metrics)
 
 
 def _is_main_process() -> bool:

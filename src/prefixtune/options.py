@@ -101,7 +101,16 @@ PREFIX_OPTIONS = [
     Option("prefix_text", str, None, _prefix_help("text")),
     Option("head_modules", "strs", None, _prefix_help("head_modules")),
 ]
-TRAIN_OPTIONS = _from_dataclass(TrainConfig)
+TRAIN_OPTIONS = [
+    *_from_dataclass(TrainConfig),
+    Option(
+        "baseline",
+        "strs",
+        ["head"],
+        "References scored beside a classifier on the same test rows: head (the frozen model with only a trained "
+        "head, on cached features: one forward pass), tfidf (TF-IDF + logistic regression; scikit-learn), or none.",
+    ),
+]
 RECIPE = Option("recipe", str, None, "YAML or JSON file of options (same names as the flags); flags win.")
 PREFIX_DIR = Option("prefix", str, None, "Folder of a saved prefix (the output folder of `train`).", flag="--prefix")
 OUTPUT = Option("output", str, None, "Write here (atomically) instead of stdout; .csv gives CSV, else JSONL.")
