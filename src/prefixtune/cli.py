@@ -404,6 +404,14 @@ def convert(**options: Any) -> str:
     return direction
 
 
+def tune(**options: Any) -> dict:
+    """Search prefix hyperparameters on the validation split with Optuna: see `prefixtune.search`."""
+    from prefixtune.search import run_search
+
+    opts = resolve_options("tune", options)
+    return run_search(opts)
+
+
 def serve(**options: Any) -> None:
     """Run the HTTP server (its options are those of `prefixtune.serving.command.add_arguments`)."""
     from prefixtune.serving.command import run_from_args
@@ -412,7 +420,7 @@ def serve(**options: Any) -> None:
 
 
 VERBS = {"train": train, "evaluate": evaluate, "predict": predict, "generate": generate, "info": info, "demo": demo,
-         "convert": convert, "serve": serve}  # fmt: skip
+         "convert": convert, "serve": serve, "tune": tune}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- parser
@@ -440,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, options in VERB_OPTIONS.items():
         p = sub.add_parser(verb, help=VERB_HELP[verb], description=VERB_HELP[verb])
-        if verb in ("train", "evaluate", "predict", "generate"):
+        if verb in ("train", "evaluate", "predict", "generate", "tune"):
             _add(p, RECIPE)
         for option in options:
             _add(p, option)

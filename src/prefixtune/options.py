@@ -169,6 +169,47 @@ CONVERT_OPTIONS = [
     Option("source", str, None, "A PEFT adapter folder (converted to prefixtune) or a prefixtune prefix folder."),
     Option("output", str, None, "Folder to write the converted prefix or adapter to."),
 ]
+# `tune` takes every train option, so train recipes work. The ones it searches default to None ("search it")
+# and a value given fixes them; a few others get the search's own defaults and help.
+_TUNE_OVERRIDES = [
+    Option("learning_rate", float, None, "Fix the peak learning rate; default: searched, log-uniform by --reparam."),
+    Option("num_virtual_tokens", int, None, "Fix the prefix length; default: searched among 8, 16, 32, 64."),
+    Option("reparam", str, None, "Fix it (none | mlp); default: searched for method 'prefix'.", ("none", "mlp")),
+    Option("epochs", int, None, "Base budget in passes over the training rows; trials train 0.5x, 1x or 2x it."),
+    Option("max_steps", int, None, "Base budget in optimizer steps (default 1000; wins over --epochs)."),
+    Option("eval_every", int, 0, "Evaluate and report to the pruner every N steps; 0: a tenth of the base budget."),
+    Option("patience", int, 0, "Early stopping inside a trial (evaluations without improvement); 0: only the pruner."),
+    Option("baseline", "strs", None, "Ignored: tune never scores the test split (accepted so train recipes work)."),
+    Option(
+        "output_dir",
+        str,
+        "prefixtune-tune",
+        "Folder for the search: trials/<n>/ (one prefix per trial), best/, trials.jsonl, trials.png, study.db.",
+    ),
+]
+TUNE_OPTIONS = [
+    *[
+        next((t for t in _TUNE_OVERRIDES if t.name == o.name), o)
+        for o in [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS]
+    ],
+    Option("trials", int, 20, "Trials to finish (complete or pruned) in the study; a rerun runs the missing ones."),
+    Option("timeout", float, None, "Start no new trial after this many seconds (the running one finishes)."),
+    Option(
+        "pruner",
+        str,
+        "halving",
+        "Stop bad trials early at their validation evaluations: halving (successive halving), median, or none.",
+        ("halving", "median", "none"),
+    ),
+    Option(
+        "storage",
+        str,
+        None,
+        "Optuna storage URL (default: sqlite:///<output-dir>/study.db). Machines given the same URL "
+        "(e.g. postgresql://user@host/db) and --study-name run one study together.",
+    ),
+    Option("study_name", str, "prefixtune", "Name of the study in the storage; the same name resumes it."),
+]
 VERB_OPTIONS: dict[str, list[Option]] = {
     "train": [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS],
     "evaluate": EVAL_OPTIONS,
@@ -177,6 +218,7 @@ VERB_OPTIONS: dict[str, list[Option]] = {
     "info": INFO_OPTIONS,
     "demo": DEMO_OPTIONS,
     "convert": CONVERT_OPTIONS,
+    "tune": TUNE_OPTIONS,
 }
 VERB_HELP = {
     "train": "Train a prefix on a frozen model and save it (with metrics.jsonl, curves.png, checkpoints).",
@@ -187,6 +229,7 @@ VERB_HELP = {
     "info": "Show what a saved prefix holds and which base model it fits.",
     "convert": "Convert a PEFT PrefixTuning/PromptTuning adapter to a prefixtune prefix, or back.",
     "serve": "Serve many prefixes of one frozen model over an OpenAI-compatible HTTP API.",
+    "tune": "Search learning rate, prefix length, reparam and steps on the validation split (Optuna, resumable).",
 }
 
 
