@@ -89,3 +89,26 @@ def test_out_of_reach_is_argued_only_where_every_setting_trails():
     text = _why_out_of_reach(_swept(_low_data([0.72, 0.66, 0.69], [0.68, 0.67, 0.62])),
                              _table([0.70, 0.68, 0.67], [0.68, 0.66, 0.65]))  # fmt: skip
     assert "200-example target" not in text
+
+
+def _point(lr: float, length: int, epochs: int, validation: float, test: float, seen: int) -> dict:
+    return {"learning_rate": lr, "num_virtual_tokens": length, "epochs": epochs, "validation_accuracy": validation,
+            "accuracy": test, "examples_seen": seen}  # fmt: skip
+
+
+def test_defaults_targets_are_judged_against_the_grid_point_validation_chose():
+    from benchmarks.report import _defaults
+
+    grid = [_point(0.01, 8, 2, 0.80, 0.90, 1000), _point(0.1, 32, 5, 0.85, 0.78, 2000)]  # validation picks the 2nd
+    defaults = {"learning_rate": 0.03, "steps": 500, "budget": 1000, "validation_accuracy": 0.84, "accuracy": 0.775,
+                "examples_seen": 8000}  # fmt: skip
+    chosen = {"learning_rate": 0.05, "num_virtual_tokens": 16, "steps": 500, "reparam": "none"}
+    search = {"validation_accuracy": 0.85, "accuracy": 0.77, "trials": 4, "pruned": 1, "examples_seen": 900,
+              "best_params": chosen}  # fmt: skip
+    text = _defaults({"rotten_tomatoes": {"defaults": defaults, "grid": grid, "search": search}})
+    assert "grid (best) | 0.1 | 32" in text  # the test split's favourite (0.90) is not the grid's choice
+    assert "on test: -0.5 points (met within 1 point)" in text
+    assert "-1.0 points with 30% of the grid's compute (**not met** within 0.5 point" in text
+    search["accuracy"] = 0.78
+    text = _defaults({"rotten_tomatoes": {"defaults": defaults, "grid": grid, "search": search}})
+    assert "+0.0 points with 30% of the grid's compute (met within 0.5 point" in text

@@ -1,0 +1,164 @@
+"""Defaults, search and baselines: what a first run learns with nothing set, against a grid and a search.
+
+For each bundled classification data set (Rotten Tomatoes, BBC topic) on MiniLM:
+- `defaults`: `prefixtune train --model minilm --dataset NAME` with nothing else;
+- `grid`: learning rate x prefix length x epochs, each point trained to its end (no early stopping)
+  with the best of its 10 evaluations kept, chosen on validation;
+- `search`: `prefixtune tune` with a trial budget, its compute counted in training examples seen;
+- `small`: a few hundred rows of Rotten Tomatoes, where the defaults face the head-only and TF-IDF
+  baselines on the full test split.
+The test split chooses nothing anywhere; each point's test score is shown for the record.
+
+    python -m benchmarks.defaults [--quick]                 # every part, both data sets
+    python -m benchmarks.defaults --parts small --datasets rotten_tomatoes
+    python -m benchmarks.defaults --row defaults --dataset bbc_topic   # one row, prints its JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, emit, run_row
+from prefixtune.train import TrainConfig
+
+DATASETS = ("rotten_tomatoes", "bbc_topic")
+GRID = {"learning_rate": [1e-2, 3e-2, 1e-1], "num_virtual_tokens": [8, 32], "epochs": [2, 5]}
+SEARCH_SHARE = 1 / 3  # the search may spend at most this share of the grid's compute
+SMALL = {"train": 400, "validation": 200}  # rows of the small data set (Rotten Tomatoes, split by movie)
+QUICK = {"max_train_samples": 96, "max_eval_samples": 48}  # a smoke test of the whole pipeline
+
+
+def _train(dataset: str, quick: bool, **options) -> dict:
+    """One `prefixtune.cli.train` run: validation best, test metrics, baselines, examples seen."""
+    from prefixtune import cli
+
+    with tempfile.TemporaryDirectory() as out:
+        options = {"model": "minilm", "dataset": dataset, "output_dir": out, "progress": False, **options}
+        start = time.perf_counter()
+        result = cli.train(**options, **(QUICK if quick else {}))
+        tested = json.loads((Path(out) / "test_metrics.json").read_text())
+    return {
+        "validation_accuracy": result.best_value,
+        "accuracy": tested["accuracy"],
+        "macro_f1": tested["macro_f1"],
+        "baselines": {k: v["accuracy"] for k, v in tested.get("baselines", {}).items()},
+        "steps": result.steps,
+        "examples_seen": result.steps * result.config.batch_size,
+        "learning_rate": result.config.learning_rate,
+        "budget": result.config.max_steps,
+        "train_s": result.seconds,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def _search(dataset: str, quick: bool, trials: int) -> dict:
+    """`prefixtune tune` on validation, then the best prefix scored once on test."""
+    from prefixtune import cli
+
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        found = cli.tune(model="minilm", dataset=dataset, output_dir=out, trials=trials, progress=False,
+                         **(QUICK if quick else {}))  # fmt: skip
+        records = [json.loads(line) for line in (Path(out) / "trials.jsonl").read_text().splitlines()]
+        tested = cli.evaluate(prefix=str(Path(out) / "best"), dataset=dataset, **(
+            {"max_eval_samples": QUICK["max_eval_samples"]} if quick else {}))  # fmt: skip
+    return {
+        "validation_accuracy": found["best_value"],
+        "accuracy": tested["accuracy"],
+        "best_params": found["best_params"],
+        "trials": found["trials"],
+        "pruned": found["pruned"],
+        "examples_seen": sum(r["steps"] or 0 for r in records) * TrainConfig().batch_size,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def _small_files(root: Path) -> dict[str, str]:
+    """The small data set as JSONL files: seeded samples of the bundled split (movies stay apart)."""
+    from prefixtune.assets import load_builtin_dataset
+
+    data = load_builtin_dataset("rotten_tomatoes")
+    files = {}
+    for split in ("train", "validation", "test"):
+        rows = list(data[split])
+        if split in SMALL:
+            random.Random(0).shuffle(rows)
+            rows = rows[: SMALL[split]]
+        files[split] = str(root / f"{split}.jsonl")
+        Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+def row(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--row", required=True, choices=("defaults", "grid", "search", "small"))
+    p.add_argument("--dataset", default="rotten_tomatoes")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--num-virtual-tokens", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--trials", type=int, default=8)
+    a = p.parse_args(argv)
+    if a.row == "defaults":
+        emit(_train(a.dataset, a.quick))
+    elif a.row == "grid":
+        point = {"learning_rate": a.learning_rate, "num_virtual_tokens": a.num_virtual_tokens, "epochs": a.epochs}
+        emit({**point, **_train(a.dataset, a.quick, patience=0, baseline=["none"], **point)})
+    elif a.row == "search":
+        emit(_search(a.dataset, a.quick, a.trials))
+    else:
+        with tempfile.TemporaryDirectory() as root:
+            files = _small_files(Path(root))
+            emit(_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"],
+                        validation_file=files["validation"], test_file=files["test"]))  # fmt: skip
+
+
+def _save(results: dict, quick: bool) -> None:
+    path = RESULTS / ("defaults-quick.json" if quick else "defaults.json")
+    path.write_text(json.dumps(results, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--parts", default="defaults,grid,search,small")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--row")
+    a, rest = p.parse_known_args(argv)
+    if a.row:
+        return row(["--row", a.row, *(["--quick"] if a.quick else []), *rest])
+    flag = ["--quick"] if a.quick else []
+    path = RESULTS / ("defaults-quick.json" if a.quick else "defaults.json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    parts = a.parts.split(",")
+    for dataset in a.datasets.split(","):
+        got = results.setdefault(dataset, {})
+        if "defaults" in parts:
+            got["defaults"] = run_row("benchmarks.defaults", ["--row", "defaults", "--dataset", dataset, *flag])
+            _save(results, a.quick)
+        if "grid" in parts:
+            got["grid"] = []
+            for lr, length, epochs in itertools.product(*GRID.values()):
+                args = ["--learning-rate", str(lr), "--num-virtual-tokens", str(length), "--epochs", str(epochs)]
+                args = ["--row", "grid", "--dataset", dataset, *args, *flag]
+                got["grid"].append(run_row("benchmarks.defaults", args))
+                print(f"  {dataset} grid {args[4:]}: {got['grid'][-1]['validation_accuracy']:.4f}", flush=True)
+                _save(results, a.quick)
+        if "search" in parts:
+            trials = 2 if a.quick else len(list(itertools.product(*GRID.values()))) // 3
+            args = ["--row", "search", "--dataset", dataset, "--trials", str(trials), *flag]
+            got["search"] = run_row("benchmarks.defaults", args)
+            _save(results, a.quick)
+    if "small" in parts:
+        results["small"] = run_row("benchmarks.defaults", ["--row", "small", *flag])
+        _save(results, a.quick)
+
+
+if __name__ == "__main__":
+    main()
