@@ -45,17 +45,21 @@ def test_recipes_are_valid_train_options(name):
     cli._prefix_config(opts, opts["seed"])
 
 
-def test_demo_runs_end_to_end_on_a_small_sample(tmp_path, capsys):
-    """The README's main command, shrunk: real MiniLM and Rotten Tomatoes, 64 snippets each way."""
+def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path, capsys):
+    """The README's main command, shrunk: real MiniLM and Rotten Tomatoes, 64 snippets each way, run twice."""
     import torch
 
     from prefixtune.demo import SENTENCES, run_demo
 
     threads = torch.get_num_threads()
     try:
+        again = run_demo(output_dir=str(tmp_path / "again"), train_samples=64, test_samples=64, threads=1)
         result = run_demo(output_dir=str(tmp_path / "demo"), train_samples=64, test_samples=64, threads=1)
     finally:
         torch.set_num_threads(threads)
+    for key in ("prefix_accuracy", "head_only_accuracy", "steps"):
+        assert result[key] == again[key], key  # fixed work, seeded everything: the same figures
+    assert [r["score"] for r in result["predictions"]] == [r["score"] for r in again["predictions"]]
     out = capsys.readouterr().out
     assert "head only: test accuracy" in out and "prefix tuning: test accuracy" in out
     assert 0 <= result["prefix_accuracy"] <= 1 and 0 <= result["head_only_accuracy"] <= 1
