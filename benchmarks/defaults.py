@@ -31,7 +31,7 @@ DATASETS = ("rotten_tomatoes", "bbc_topic")
 GRID = {"learning_rate": [1e-2, 3e-2, 1e-1], "num_virtual_tokens": [8, 32], "epochs": [2, 5]}
 SEARCH_SHARE = 1 / 3  # the search may spend at most this share of the grid's compute
 SMALL = {"train": 400, "validation": 200}  # rows of the small data set (Rotten Tomatoes, split by movie)
-QUICK = {"max_train_samples": 96, "max_eval_samples": 48}  # a smoke test of the whole pipeline
+QUICK = {"max_train_samples": 96, "max_eval_samples": 48, "max_steps": 12}  # a smoke test of the pipeline
 
 
 def _train(dataset: str, quick: bool, **options) -> dict:

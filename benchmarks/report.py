@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, markdown_table, paired_ratio_interval
-from benchmarks.defaults import SMALL
+from benchmarks.defaults import DATASETS, SMALL
 from benchmarks.speed import TOP_HALF
 
 
@@ -403,15 +403,14 @@ def _defaults(r: dict) -> str:
     out = ["MiniLM, every head reading the mean of the last hidden states. The grid (learning rate x prefix length x "
            "epochs) trains each point to its end, keeping the best of its 10 evaluations; the grid and the search "
            "choose on validation only. Compute is training examples seen (optimizer steps x batch)."]
-    for name, got in r.items():
-        if name == "small":
-            continue
+    for name in [k for k in r if k in DATASETS]:
+        got = r[name]
         rows, line = [], []
         grid = got.get("grid") or []
         best = max(grid, key=lambda g: g["validation_accuracy"]) if grid else None
         if got.get("defaults"):
             d = got["defaults"]
-            rows.append(["plain defaults", f"{d['learning_rate']:g}", "16", f"{d['steps']} (of {d['budget']})",
+            rows.append(["plain defaults", f"{d['learning_rate']:g}", "16", f"{d['steps']} of {d['budget']} steps",
                          d["validation_accuracy"], d["accuracy"], f"{d['examples_seen']:,}"])
         for g in sorted(grid, key=lambda g: -g["validation_accuracy"]):
             rows.append([f"grid{' (best)' if g is best else ''}", f"{g['learning_rate']:g}", g["num_virtual_tokens"],

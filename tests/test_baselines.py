@@ -181,8 +181,7 @@ def test_cli_train_reports_the_baselines_beside_the_prefix_in_the_table_and_test
     bert = tinysaved.save("bert", tmp_path / "bert", task="classification")
     files = {}
     for split, (n, seed) in {"train": (48, 0), "validation": (12, 1), "test": (16, 2)}.items():
-        files[split] = tmp_path / f"{split}.jsonl"
-        files[split].write_text("".join(json.dumps(r) + "\n" for r in tinysaved.sentiment_rows(n, seed=seed)))
+        files[split] = tinysaved.write_jsonl(tmp_path / f"{split}.jsonl", tinysaved.sentiment_rows(n, seed=seed))
     out = tmp_path / "out"
     argv = ["train", "--model", bert, "--train-file", files["train"], "--validation-file", files["validation"],
             "--test-file", files["test"], "--output-dir", out, "--max-steps", "4", "--no-progress",

@@ -15,11 +15,6 @@ from prefixtune import cli, options
 from prefixtune.errors import PrefixTuneError
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
@@ -28,10 +23,10 @@ def assets(tmp_path_factory):
         "bert": tinysaved.save("bert", root / "bert", task="classification"),
         "gpt2": tinysaved.save("gpt2", root / "gpt2"),
         "bart": tinysaved.save("bart", root / "bart"),
-        "train": write_jsonl(root / "train.jsonl", tinysaved.sentiment_rows(48)),
-        "val": write_jsonl(root / "val.jsonl", tinysaved.sentiment_rows(12, seed=1)),
-        "gtrain": write_jsonl(root / "gtrain.jsonl", tinysaved.copy_rows(32)),
-        "gval": write_jsonl(root / "gval.jsonl", tinysaved.copy_rows(8, seed=1)),
+        "train": tinysaved.write_jsonl(root / "train.jsonl", tinysaved.sentiment_rows(48)),
+        "val": tinysaved.write_jsonl(root / "val.jsonl", tinysaved.sentiment_rows(12, seed=1)),
+        "gtrain": tinysaved.write_jsonl(root / "gtrain.jsonl", tinysaved.copy_rows(32)),
+        "gval": tinysaved.write_jsonl(root / "gval.jsonl", tinysaved.copy_rows(8, seed=1)),
     }
 
 
@@ -193,7 +188,7 @@ def test_help_texts_come_from_the_dataclasses(capsys):
 def bad_input_cases(root, assets):
     (root / "cols.csv").write_text("sentence,label\ngood,pos\n")
     (root / "empty.csv").write_text("text,label\n")
-    write_jsonl(root / "unknown.jsonl", [{"text": "good", "label": "neutral"}])
+    tinysaved.write_jsonl(root / "unknown.jsonl", [{"text": "good", "label": "neutral"}])
     (root / "latin1.csv").write_bytes(b"text,label\ngood,pos\ncaf\xe9 bad,neg\n")
     (root / "recipe.yaml").write_text("learning_rat: 0.1\nepochs: 1\n")
     (root / "badvalue.yaml").write_text("warmup_ratio: lots\n")

@@ -94,8 +94,7 @@ def test_hold_out_refuses_what_cannot_be_split():
 def test_cli_without_validation_file_holds_out_whole_groups_and_says_so(tmp_path, capsys, monkeypatch):
     bert = tinysaved.save("bert", tmp_path / "bert", task="classification")
     rows = [dict(r, author=f"a{i % 12}") for i, r in enumerate(tinysaved.sentiment_rows(60))]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tinysaved.write_jsonl(tmp_path / "train.jsonl", rows)
     seen: list[list[dict]] = []
     from prefixtune import train as train_module
 
@@ -106,7 +105,7 @@ def test_cli_without_validation_file_holds_out_whole_groups_and_says_so(tmp_path
         original(self, model, tokenizer, train_rows, eval_rows, config, info)
 
     monkeypatch.setattr(train_module.Trainer, "__init__", spy)
-    code = cli.main(["train", "--model", bert, "--train-file", str(data), "--group-column", "author",
+    code = cli.main(["train", "--model", bert, "--train-file", data, "--group-column", "author",
                      "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--no-progress",
                      "--num-virtual-tokens", "2", "--max-length", "32"])  # fmt: skip
     assert code == 0

@@ -15,20 +15,15 @@ from prefixtune.errors import PrefixTuneError
 from prefixtune.model import PrefixModel
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     test_rows = [{"text": f"testmarker{i} good", "label": "pos" if i % 2 else "neg"} for i in range(6)]
     return {
         "bert": tinysaved.save("bert", root / "bert", task="classification"),
-        "train": write_jsonl(root / "train.jsonl", tinysaved.sentiment_rows(32)),
-        "val": write_jsonl(root / "val.jsonl", tinysaved.sentiment_rows(8, seed=1)),
-        "test": write_jsonl(root / "test.jsonl", test_rows),
+        "train": tinysaved.write_jsonl(root / "train.jsonl", tinysaved.sentiment_rows(32)),
+        "val": tinysaved.write_jsonl(root / "val.jsonl", tinysaved.sentiment_rows(8, seed=1)),
+        "test": tinysaved.write_jsonl(root / "test.jsonl", test_rows),
     }
 
 

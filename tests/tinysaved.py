@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -70,3 +71,9 @@ def copy_rows(n: int, seed: int = 0) -> list[dict]:
         word = next(w for w in row["text"].split() if w in POSITIVE + NEGATIVE)
         rows.append({"text": row["text"], "target": word})
     return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    """Rows as a JSONL data file, the way a user hands them to `prefixtune train`."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
