@@ -422,6 +422,11 @@ def _defaults(r: dict) -> str:
                          se["validation_accuracy"], se["accuracy"], f"{se['examples_seen']:,}"])
         out += ["", f"**{name}**", "", markdown_table(
             ["run", "lr", "P", "schedule", "validation accuracy", "test accuracy", "compute (examples)"], rows)]
+        if got.get("defaults", {}).get("baselines"):
+            d = got["defaults"]
+            line.append("Beside the plain defaults on the same test rows: " + ", ".join(
+                f"{k.replace('_', ' ')} {v:.4f} ({100 * (d['accuracy'] - v):+.1f} points for the prefix)"
+                for k, v in d["baselines"].items()) + ".")
         if best and got.get("defaults"):
             gap = 100 * (got["defaults"]["accuracy"] - best["accuracy"])
             line.append(f"Plain defaults vs the grid's validation choice, on test: {gap:+.1f} points "
