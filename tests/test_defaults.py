@@ -113,4 +113,6 @@ def test_cli_without_validation_file_holds_out_whole_groups_and_says_so(tmp_path
     assert "no validation data given; held out" in err and "whole 'author' groups" in err
     fit, val = seen
     assert len(fit) + len(val) == 60 and val
+    scored = json.loads((tmp_path / "out" / "validation_baselines.json").read_text())  # no test split: validation
+    assert 0 <= scored["accuracy"] <= 1 and scored["baselines"]["head_only"]["train_rows"] == len(fit)
     assert not {r["group"] for r in fit} & {r["group"] for r in val}

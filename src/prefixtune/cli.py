@@ -182,19 +182,16 @@ def _report(model: Any, tokenizer: Any, splits: dict[str, list[dict]], opts: dic
 
     cfg = result.config or TrainConfig()
     test_rows = splits.get("test")
+
+    def score(rows: list[dict]) -> dict[str, Any]:
+        return tasks.evaluate(
+            model, tokenizer, rows, cfg.max_length, cfg.eval_batch_size, cfg.template, cfg.max_target_length,
+            cfg.max_new_tokens, bf16=cfg.bf16,
+        )  # fmt: skip
+
     metrics: dict[str, Any] = {}
     if test_rows:
-        metrics = tasks.evaluate(
-            model,
-            tokenizer,
-            test_rows,
-            cfg.max_length,
-            cfg.eval_batch_size,
-            cfg.template,
-            cfg.max_target_length,
-            cfg.max_new_tokens,
-            bf16=cfg.bf16,
-        )
+        metrics = score(test_rows)
         _print_table(list(metrics.items()), f"test ({len(test_rows)} rows)")
         result.last_eval = {f"test_{k}": v for k, v in metrics.items()} | result.last_eval
     kinds = [k for k in opts["baseline"] if k != "none"]
@@ -205,11 +202,11 @@ def _report(model: Any, tokenizer: Any, splits: dict[str, list[dict]], opts: dic
             model, tokenizer, kinds, splits["train"], scored, splits["validation"], max_length=cfg.max_length,
             batch_size=cfg.eval_batch_size, template=cfg.template, seed=cfg.seed,
         )  # fmt: skip
-        prefix_accuracy = metrics["accuracy"] if test_rows else result.best_value
-        rows: list[tuple[str, Any]] = [("prefix", prefix_accuracy)]
+        prefix = metrics if test_rows else score(scored)  # the kept (best) prefix on the same rows
+        rows: list[tuple[str, Any]] = [("prefix", prefix["accuracy"])]
         rows += [(name.replace("_", " "), m["accuracy"]) for name, m in found.items()]
         _print_table(rows, f"{split} accuracy beside the baselines ({len(scored)} rows)")
-        metrics["baselines"] = found
+        metrics = {**prefix, "baselines": found}
     if metrics:
         name = "test_metrics.json" if test_rows else "validation_baselines.json"
         serialization.write_json(Path(cfg.output_dir) / name, metrics)
