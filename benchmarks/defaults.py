@@ -125,7 +125,8 @@ def _save(results: dict, quick: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # No abbreviations: `--dataset` (a row's flag, passed through) must not be read as `--datasets`.
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--parts", default="defaults,grid,search,small")
     p.add_argument("--datasets", default=",".join(DATASETS))

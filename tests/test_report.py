@@ -112,3 +112,12 @@ def test_defaults_targets_are_judged_against_the_grid_point_validation_chose():
     search["accuracy"] = 0.78
     text = _defaults({"rotten_tomatoes": {"defaults": defaults, "grid": grid, "search": search}})
     assert "+0.0 points with 30% of the grid's compute (met within 0.5 point" in text
+
+
+def test_defaults_benchmark_hands_a_rows_dataset_to_the_row(monkeypatch):
+    from benchmarks import defaults
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(defaults, "row", seen.append)
+    defaults.main(["--row", "defaults", "--dataset", "bbc_topic"])  # not swallowed as an abbreviated --datasets
+    assert seen == [["--row", "defaults", "--dataset", "bbc_topic"]]
