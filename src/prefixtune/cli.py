@@ -138,6 +138,17 @@ def _print_table(rows: Sequence[tuple[str, Any]], title: str | None = None) -> N
     print(summary_table(rows))
 
 
+def data_task(opts: dict, train_rows: list[dict]) -> str:
+    """--task as the data settles it: 'auto' with labels is classification; the model decides the rest."""
+    has_labels = "label" in train_rows[0]
+    task = opts["task"]
+    if task == "auto":
+        task = "classification" if has_labels else "auto"
+    if task == "classification" and not has_labels:
+        raise PrefixTuneError("classification needs labels: set --label-column (or drop --target-column)")
+    return task
+
+
 def build_model(opts: dict, train_rows: list[dict], label_names: list[str] | None) -> tuple[Any, Any, TrainConfig]:
     """The base model with a fresh prefix attached, and the training settings, from resolved options."""
     import torch
@@ -145,12 +156,7 @@ def build_model(opts: dict, train_rows: list[dict], label_names: list[str] | Non
     from prefixtune import tasks
     from prefixtune.model import attach
 
-    has_labels = "label" in train_rows[0]
-    task = opts["task"]
-    if task == "auto":
-        task = "classification" if has_labels else "auto"
-    if task == "classification" and not has_labels:
-        raise PrefixTuneError("classification needs labels: set --label-column (or drop --target-column)")
+    task = data_task(opts, train_rows)
     train_cfg = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
     prefix_cfg = _prefix_config(opts, train_cfg.seed)
     num_labels = len(label_names) if label_names else None

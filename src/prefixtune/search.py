@@ -67,12 +67,11 @@ def run_search(opts: dict) -> dict[str, Any]:
     import optuna
 
     _check(opts)
-    from prefixtune.cli import load_training_data
+    from prefixtune.cli import data_task, load_training_data
 
     splits, label_names = load_training_data(opts)
     splits.pop("test", None)  # never read: settings chosen on test rows would flatter the test score
-    classification = opts["task"] == "classification" or (opts["task"] == "auto" and "label" in splits["train"][0])
-    metric = metric_name(TrainConfig(metric=opts["metric"]), "classification" if classification else opts["task"])
+    metric = metric_name(TrainConfig(metric=opts["metric"]), data_task(opts, splits["train"]))
     direction = "minimize" if better(metric, 0.0, 1.0) else "maximize"  # better() knows the loss-like metrics
     out = Path(opts["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
