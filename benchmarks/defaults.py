@@ -119,6 +119,16 @@ def row(argv: list[str]) -> None:
                         validation_file=files["validation"], test_file=files["test"]))  # fmt: skip
 
 
+def grid_points() -> list[dict]:
+    """Every grid point, the shorter runs first, so a grid stopped part-way has covered the most settings."""
+    points = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    return sorted(points, key=lambda point: point["epochs"])
+
+
+def _point_key(point: dict) -> tuple:
+    return tuple(point[k] for k in GRID)
+
+
 def _save(results: dict, quick: bool) -> None:
     path = RESULTS / ("defaults-quick.json" if quick else "defaults.json")
     path.write_text(json.dumps(results, indent=2))
@@ -144,15 +154,17 @@ def main(argv: list[str] | None = None) -> None:
             got["defaults"] = run_row("benchmarks.defaults", ["--row", "defaults", "--dataset", dataset, *flag])
             _save(results, a.quick)
         if "grid" in parts:
-            got["grid"] = []
-            for lr, length, epochs in itertools.product(*GRID.values()):
-                args = ["--learning-rate", str(lr), "--num-virtual-tokens", str(length), "--epochs", str(epochs)]
-                args = ["--row", "grid", "--dataset", dataset, *args, *flag]
-                got["grid"].append(run_row("benchmarks.defaults", args))
-                print(f"  {dataset} grid {args[4:]}: {got['grid'][-1]['validation_accuracy']:.4f}", flush=True)
+            # Resumable: a point already in the results file is kept, so a long grid can run in pieces.
+            done = {_point_key(point) for point in got.setdefault("grid", [])}
+            for point in grid_points():
+                if _point_key(point) in done:
+                    continue
+                args = [f"--{k.replace('_', '-')}={v}" for k, v in point.items()]
+                got["grid"].append(run_row("benchmarks.defaults", ["--row", "grid", "--dataset", dataset, *args, *flag]))
+                print(f"  {dataset} grid {point}: {got['grid'][-1]['validation_accuracy']:.4f}", flush=True)
                 _save(results, a.quick)
         if "search" in parts:
-            trials = 2 if a.quick else len(list(itertools.product(*GRID.values()))) // 3
+            trials = 2 if a.quick else len(grid_points()) // 3
             args = ["--row", "search", "--dataset", dataset, "--trials", str(trials), *flag]
             got["search"] = run_row("benchmarks.defaults", args)
             _save(results, a.quick)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, markdown_table, paired_ratio_interval
-from benchmarks.defaults import DATASETS, SMALL
+from benchmarks.defaults import DATASETS, SMALL, grid_points
 from benchmarks.speed import TOP_HALF
 
 
@@ -427,11 +427,15 @@ def _defaults(r: dict) -> str:
             line.append("Beside the plain defaults on the same test rows: " + ", ".join(
                 f"{k.replace('_', ' ')} {v:.4f} ({100 * (d['accuracy'] - v):+.1f} points for the prefix)"
                 for k, v in d["baselines"].items()) + ".")
-        if best and got.get("defaults"):
+        partial = len(grid) < len(grid_points())
+        if grid and partial:
+            line.append(f"The grid is partial ({len(grid)} of {len(grid_points())} points, the shortest runs first), "
+                        "so no verdict is drawn against it.")
+        if best and not partial and got.get("defaults"):
             gap = 100 * (got["defaults"]["accuracy"] - best["accuracy"])
             line.append(f"Plain defaults vs the grid's validation choice, on test: {gap:+.1f} points "
                         f"({_mark(gap >= -1.0)} within 1 point).")
-        if best and got.get("search"):
+        if best and not partial and got.get("search"):
             gap = 100 * (got["search"]["accuracy"] - best["accuracy"])
             share = got["search"]["examples_seen"] / sum(g["examples_seen"] for g in grid)
             line.append(f"Search vs the grid's choice, on test: {gap:+.1f} points with {share:.0%} of the grid's "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 
@@ -96,10 +98,12 @@ def _point(lr: float, length: int, epochs: int, validation: float, test: float, 
             "accuracy": test, "examples_seen": seen}  # fmt: skip
 
 
-def test_defaults_targets_are_judged_against_the_grid_point_validation_chose():
+def test_defaults_targets_are_judged_against_the_grid_point_validation_chose(monkeypatch):
+    from benchmarks import report
     from benchmarks.report import _defaults
 
     grid = [_point(0.01, 8, 2, 0.80, 0.90, 1000), _point(0.1, 32, 5, 0.85, 0.78, 2000)]  # validation picks the 2nd
+    monkeypatch.setattr(report, "grid_points", lambda: grid)  # this two-point grid is the whole grid
     defaults = {"learning_rate": 0.03, "steps": 500, "budget": 1000, "validation_accuracy": 0.84, "accuracy": 0.775,
                 "examples_seen": 8000}  # fmt: skip
     chosen = {"learning_rate": 0.05, "num_virtual_tokens": 16, "steps": 500, "reparam": "none"}
@@ -112,6 +116,39 @@ def test_defaults_targets_are_judged_against_the_grid_point_validation_chose():
     search["accuracy"] = 0.78
     text = _defaults({"rotten_tomatoes": {"defaults": defaults, "grid": grid, "search": search}})
     assert "+0.0 points with 30% of the grid's compute (met within 0.5 point" in text
+
+
+def test_a_partial_grid_draws_no_verdict():
+    from benchmarks.report import _defaults
+
+    grid = [_point(0.01, 8, 2, 0.80, 0.90, 1000)]
+    defaults = {"learning_rate": 0.03, "steps": 500, "budget": 1000, "validation_accuracy": 0.84, "accuracy": 0.775,
+                "examples_seen": 8000}  # fmt: skip
+    text = _defaults({"rotten_tomatoes": {"defaults": defaults, "grid": grid}})
+    assert "The grid is partial (1 of 12 points" in text
+    assert "within 1 point" not in text
+
+
+def test_defaults_grid_resumes_where_the_results_file_stops(monkeypatch, tmp_path):
+    from benchmarks import defaults
+
+    first = defaults.grid_points()[0]
+    (tmp_path / "defaults.json").write_text(json.dumps({"rotten_tomatoes": {"grid": [{**first, "validation_accuracy": 0.5}]}}))
+    ran: list[list[str]] = []
+
+    def fake_row(module, args):
+        ran.append(args)
+        return {"validation_accuracy": 0.6}
+
+    monkeypatch.setattr(defaults, "RESULTS", tmp_path)
+    monkeypatch.setattr(defaults, "run_row", fake_row)
+    defaults.main(["--parts", "grid", "--datasets", "rotten_tomatoes"])
+    assert len(ran) == len(defaults.grid_points()) - 1  # the finished point is not run again
+    assert all(f"--learning-rate={first['learning_rate']}" not in a or f"--epochs={first['epochs']}" not in a
+               or f"--num-virtual-tokens={first['num_virtual_tokens']}" not in a for a in ran)  # fmt: skip
+    saved = json.loads((tmp_path / "defaults.json").read_text())["rotten_tomatoes"]["grid"]
+    assert saved[0]["validation_accuracy"] == 0.5 and len(saved) == len(defaults.grid_points())
+    assert [p["epochs"] for p in defaults.grid_points()] == sorted(p["epochs"] for p in defaults.grid_points())
 
 
 def test_defaults_benchmark_hands_a_rows_dataset_to_the_row(monkeypatch):
