@@ -121,7 +121,7 @@ def row(argv: list[str]) -> None:
 
 def grid_points() -> list[dict]:
     """Every grid point, the shorter runs first, so a grid stopped part-way has covered the most settings."""
-    points = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    points = [dict(zip(GRID, values, strict=True)) for values in itertools.product(*GRID.values())]
     return sorted(points, key=lambda point: point["epochs"])
 
 
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
                 if _point_key(point) in done:
                     continue
                 args = [f"--{k.replace('_', '-')}={v}" for k, v in point.items()]
-                got["grid"].append(run_row("benchmarks.defaults", ["--row", "grid", "--dataset", dataset, *args, *flag]))
+                args = ["--row", "grid", "--dataset", dataset, *args, *flag]
+                got["grid"].append(run_row("benchmarks.defaults", args))
                 print(f"  {dataset} grid {point}: {got['grid'][-1]['validation_accuracy']:.4f}", flush=True)
                 _save(results, a.quick)
         if "search" in parts:

@@ -400,9 +400,11 @@ def _scaling(r: dict) -> str:
 
 def _defaults(r: dict) -> str:
     """Plain defaults against the validation-chosen grid point and the search, per data set; the small set."""
-    out = ["MiniLM, every head reading the mean of the last hidden states. The grid (learning rate x prefix length x "
-           "epochs) trains each point to its end, keeping the best of its 10 evaluations; the grid and the search "
-           "choose on validation only. Compute is training examples seen (optimizer steps x batch)."]
+    out = [
+        "MiniLM, every head reading the mean of the last hidden states. The grid (learning rate x prefix length x "
+        "epochs) trains each point to its end, keeping the best of its 10 evaluations; the grid and the search "
+        "choose on validation only. Compute is training examples seen (optimizer steps x batch)."
+    ]
     for name in [k for k in r if k in DATASETS]:
         got = r[name]
         rows, line = [], []
@@ -410,44 +412,95 @@ def _defaults(r: dict) -> str:
         best = max(grid, key=lambda g: g["validation_accuracy"]) if grid else None
         if got.get("defaults"):
             d = got["defaults"]
-            rows.append(["plain defaults", f"{d['learning_rate']:g}", "16", f"{d['steps']} of {d['budget']} steps",
-                         d["validation_accuracy"], d["accuracy"], f"{d['examples_seen']:,}"])
+            rows.append(
+                [
+                    "plain defaults",
+                    f"{d['learning_rate']:g}",
+                    "16",
+                    f"{d['steps']} of {d['budget']} steps",
+                    d["validation_accuracy"],
+                    d["accuracy"],
+                    f"{d['examples_seen']:,}",
+                ]
+            )
         for g in sorted(grid, key=lambda g: -g["validation_accuracy"]):
-            rows.append([f"grid{' (best)' if g is best else ''}", f"{g['learning_rate']:g}", g["num_virtual_tokens"],
-                         f"{g['epochs']} epochs", g["validation_accuracy"], g["accuracy"], f"{g['examples_seen']:,}"])
+            rows.append(
+                [
+                    f"grid{' (best)' if g is best else ''}",
+                    f"{g['learning_rate']:g}",
+                    g["num_virtual_tokens"],
+                    f"{g['epochs']} epochs",
+                    g["validation_accuracy"],
+                    g["accuracy"],
+                    f"{g['examples_seen']:,}",
+                ]
+            )
         if got.get("search"):
             se, p = got["search"], got["search"]["best_params"]
-            rows.append([f"search ({se['trials']} trials, {se['pruned']} pruned)", f"{p['learning_rate']:.3g}",
-                         p["num_virtual_tokens"], f"{p['steps']} steps, reparam {p.get('reparam')}",
-                         se["validation_accuracy"], se["accuracy"], f"{se['examples_seen']:,}"])
-        out += ["", f"**{name}**", "", markdown_table(
-            ["run", "lr", "P", "schedule", "validation accuracy", "test accuracy", "compute (examples)"], rows)]
+            rows.append(
+                [
+                    f"search ({se['trials']} trials, {se['pruned']} pruned)",
+                    f"{p['learning_rate']:.3g}",
+                    p["num_virtual_tokens"],
+                    f"{p['steps']} steps, reparam {p.get('reparam')}",
+                    se["validation_accuracy"],
+                    se["accuracy"],
+                    f"{se['examples_seen']:,}",
+                ]
+            )
+        out += [
+            "",
+            f"**{name}**",
+            "",
+            markdown_table(
+                ["run", "lr", "P", "schedule", "validation accuracy", "test accuracy", "compute (examples)"], rows
+            ),
+        ]
         if got.get("defaults", {}).get("baselines"):
             d = got["defaults"]
-            line.append("Beside the plain defaults on the same test rows: " + ", ".join(
-                f"{k.replace('_', ' ')} {v:.4f} ({100 * (d['accuracy'] - v):+.1f} points for the prefix)"
-                for k, v in d["baselines"].items()) + ".")
+            line.append(
+                "Beside the plain defaults on the same test rows: "
+                + ", ".join(
+                    f"{k.replace('_', ' ')} {v:.4f} ({100 * (d['accuracy'] - v):+.1f} points for the prefix)"
+                    for k, v in d["baselines"].items()
+                )
+                + "."
+            )
         partial = len(grid) < len(grid_points())
         if grid and partial:
-            line.append(f"The grid is partial ({len(grid)} of {len(grid_points())} points, the shortest runs first), "
-                        "so no verdict is drawn against it.")
+            line.append(
+                f"The grid is partial ({len(grid)} of {len(grid_points())} points, the shortest runs first), "
+                "so no verdict is drawn against it."
+            )
         if best and not partial and got.get("defaults"):
             gap = 100 * (got["defaults"]["accuracy"] - best["accuracy"])
-            line.append(f"Plain defaults vs the grid's validation choice, on test: {gap:+.1f} points "
-                        f"({_mark(gap >= -1.0)} within 1 point).")
+            line.append(
+                f"Plain defaults vs the grid's validation choice, on test: {gap:+.1f} points "
+                f"({_mark(gap >= -1.0)} within 1 point)."
+            )
         if best and not partial and got.get("search"):
             gap = 100 * (got["search"]["accuracy"] - best["accuracy"])
             share = got["search"]["examples_seen"] / sum(g["examples_seen"] for g in grid)
-            line.append(f"Search vs the grid's choice, on test: {gap:+.1f} points with {share:.0%} of the grid's "
-                        f"compute ({_mark(gap >= -0.5 and share <= 1 / 3)} within 0.5 point at most a third).")
+            line.append(
+                f"Search vs the grid's choice, on test: {gap:+.1f} points with {share:.0%} of the grid's "
+                f"compute ({_mark(gap >= -0.5 and share <= 1 / 3)} within 0.5 point at most a third)."
+            )
         out += ["", " ".join(line)] if line else []
     if r.get("small"):
         sm = r["small"]
-        out += ["", f"Small data set: {SMALL['train']} Rotten Tomatoes training rows ({SMALL['validation']} validation, "
-                "split by movie), plain defaults, on the whole test split:", "", markdown_table(
-                    ["method", "test accuracy"],
-                    [["prefix, plain defaults", sm["accuracy"]], *[[k.replace("_", " "), v]
-                                                                   for k, v in sm["baselines"].items()]])]
+        out += [
+            "",
+            f"Small data set: {SMALL['train']} Rotten Tomatoes training rows ({SMALL['validation']} validation, "
+            "split by movie), plain defaults, on the whole test split:",
+            "",
+            markdown_table(
+                ["method", "test accuracy"],
+                [
+                    ["prefix, plain defaults", sm["accuracy"]],
+                    *[[k.replace("_", " "), v] for k, v in sm["baselines"].items()],
+                ],
+            ),
+        ]
     return "\n".join(out)
 
 

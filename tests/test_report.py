@@ -133,7 +133,8 @@ def test_defaults_grid_resumes_where_the_results_file_stops(monkeypatch, tmp_pat
     from benchmarks import defaults
 
     first = defaults.grid_points()[0]
-    (tmp_path / "defaults.json").write_text(json.dumps({"rotten_tomatoes": {"grid": [{**first, "validation_accuracy": 0.5}]}}))
+    done = {"rotten_tomatoes": {"grid": [{**first, "validation_accuracy": 0.5}]}}
+    (tmp_path / "defaults.json").write_text(json.dumps(done))
     ran: list[list[str]] = []
 
     def fake_row(module, args):
