@@ -62,6 +62,7 @@ def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path
     assert [r["score"] for r in result["predictions"]] == [r["score"] for r in again["predictions"]]
     out = capsys.readouterr().out
     assert "head only: test accuracy" in out and "prefix tuning: test accuracy" in out
+    assert "layers 1-3 run once per snippet" in out  # the lower layers came from the cache
     assert 0 <= result["prefix_accuracy"] <= 1 and 0 <= result["head_only_accuracy"] <= 1
     assert [r["text"] for r in result["predictions"]] == SENTENCES
     assert {r["label"] for r in result["predictions"]} <= {"negative", "positive"}

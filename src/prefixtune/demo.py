@@ -1,11 +1,14 @@
 """`prefixtune demo`: a real prefix on a real model and real data, offline, in a few minutes.
 
-It trains a P-tuning v2 style prefix (keys/values in every layer plus the classifier head) on the
-frozen MiniLM encoder with Rotten Tomatoes review snippets (research use; Pang & Lee); the head
-reads the mean of the last hidden states, as this sentence encoder was trained to give. It sets it
-beside the baseline that costs the same to store: the frozen encoder with only a trained head, on the
-same snippets. Then it saves the prefix, reloads it onto a fresh copy of the model and classifies a
-few sentences, which is the whole life cycle a user needs.
+It trains a P-tuning v2 style prefix (keys/values in the top half of the layers plus the classifier
+head) on the frozen MiniLM encoder with Rotten Tomatoes review snippets (research use; Pang & Lee);
+the head reads the mean of the last hidden states, as this sentence encoder was trained to give. The
+layers below the prefix see no trainable value, so they run once per snippet and are replayed from a
+cache (`prefixtune.layer_cache`): the head-only baseline's pass over the data fills it. That is how
+four epochs fit in the time two took with the prefix in every layer. It sets the prefix beside
+the baseline that costs the same to store: the frozen encoder with only a trained head, on the same
+snippets. Then it saves the prefix, reloads it onto a fresh copy of the model and classifies a few
+sentences, which is the whole life cycle a user needs.
 
 The work is fixed (so many snippets, so many epochs, a fixed number of torch threads), so two runs
 print the same figures; the time limit is only a guard against a machine far slower than expected.
@@ -23,8 +26,10 @@ import torch
 
 from prefixtune.errors import PrefixTuneError
 
-TRAIN_SNIPPETS = 3000  # with 2 epochs: 0.7668 test accuracy (lr 5e-2), the best of the settings measured
-EPOCHS = 2
+TRAIN_SNIPPETS = 3000
+LEARNING_RATE = 5e-2
+TOP_LAYERS = 3  # the prefix sits in MiniLM's top 3 of 6 layers; the 3 below are cached
+EPOCHS = 4  # top 3 layers, lr 5e-2: 0.7791 test accuracy; the prefix in all 6 layers for 2 epochs: 0.7668
 GUARD_SECONDS = 900.0  # stop training here whatever happens (then evaluate and save as usual)
 SENTENCES = [
     "A gorgeous, witty and deeply moving film.",
@@ -61,13 +66,14 @@ def run_demo(
     train_samples: int = TRAIN_SNIPPETS,
     epochs: int = EPOCHS,
     num_virtual_tokens: int = 16,
-    learning_rate: float = 5e-2,
+    learning_rate: float = LEARNING_RATE,
+    top_layers: int = TOP_LAYERS,
     seed: int = 42,
     threads: int | None = None,
     test_samples: int | None = None,
 ) -> dict[str, Any]:
     """Train, compare, save, reload, classify; print everything and return the numbers."""
-    from prefixtune import baselines, tasks
+    from prefixtune import baselines, layer_cache, tasks
     from prefixtune.assets import load_builtin_dataset, minilm_path
     from prefixtune.model import PrefixModel, attach
     from prefixtune.run_log import summary_table
@@ -88,37 +94,34 @@ def run_demo(
     path = minilm_path()
     torch.manual_seed(seed)  # the new classifier head is drawn while the model loads
     model, tokenizer = _load_base(path)
-    prefix_model = attach(model, num_virtual_tokens=num_virtual_tokens, seed=seed, pooling="mean")
+    layers = model.config.num_hidden_layers
+    if not 1 <= top_layers < layers:  # the cache needs at least one layer below the prefix
+        raise PrefixTuneError(f"top_layers must be between 1 and {layers - 1} (MiniLM has {layers}), got {top_layers}")
+    top = list(range(layers - top_layers, layers))
+    prefix_model = attach(model, num_virtual_tokens=num_virtual_tokens, seed=seed, pooling="mean", layers=top)
     print(
         f"data: {len(train_rows)} training snippets, {len(test_rows)} test snippets (test movies never seen); "
         f"bf16 autocast: {'on' if bf16 else 'off'}; torch threads: {torch.get_num_threads()}"
     )
+    # One cache for the whole run: the baseline's pass over the data computes the lower layers once.
+    with layer_cache.cached_lower_layers(prefix_model) as cache:
+        print("\n[1/3] head-only baseline: frozen encoder, a classifier head trained on its cached features")
+        baseline = baselines.head_only(prefix_model, tokenizer, train_rows, test_rows, max_length=64, seed=seed)
+        print(f"      test accuracy {baseline['accuracy']:.4f} in {baseline['seconds']:.0f} s")
 
-    print("\n[1/3] head-only baseline: frozen encoder, a classifier head trained on its cached features")
-    baseline = baselines.head_only(prefix_model, tokenizer, train_rows, test_rows, max_length=64, seed=seed)
-    print(f"      test accuracy {baseline['accuracy']:.4f} in {baseline['seconds']:.0f} s")
-
-    print(
-        f"\n[2/3] prefix tuning: {num_virtual_tokens} virtual tokens in all 6 layers + the classifier head, "
-        f"{len(train_rows)} snippets x {epochs} epochs"
-    )
-    config = TrainConfig(
-        output_dir=output_dir,
-        epochs=epochs,
-        batch_size=32,
-        learning_rate=learning_rate,
-        warmup_ratio=0.06,
-        bf16=bf16,
-        group_by_length=True,
-        seed=seed,
-        max_length=64,
-        time_limit=GUARD_SECONDS,
-        log_every=5,
-    )
-    started = time.perf_counter()
-    info = {"model": "minilm", "label_names": ["negative", "positive"], "dataset": "rotten_tomatoes"}
-    result = train(prefix_model, tokenizer, train_rows, None, config, info=info)
-    metrics = tasks.evaluate(prefix_model, tokenizer, test_rows, max_length=64, batch_size=128, bf16=bf16)
+        print(
+            f"\n[2/3] prefix tuning: {num_virtual_tokens} virtual tokens in layers {top[0] + 1}-{layers} of {layers} "
+            f"+ the classifier head, {len(train_rows)} snippets x {epochs} epochs; layers 1-{top[0]} run once per "
+            f"snippet ({cache.nbytes / 2**20:.0f} MiB cached)"
+        )
+        # Fixed work (epochs, batch, length); the time limit is only a guard.
+        config = TrainConfig(output_dir=output_dir, epochs=epochs, batch_size=32, learning_rate=learning_rate,
+                             warmup_ratio=0.06, bf16=bf16, group_by_length=True, seed=seed, max_length=64,
+                             time_limit=GUARD_SECONDS, log_every=5, cache_frozen_layers=True)  # fmt: skip
+        started = time.perf_counter()
+        info = {"model": "minilm", "label_names": ["negative", "positive"], "dataset": "rotten_tomatoes"}
+        result = train(prefix_model, tokenizer, train_rows, None, config, info=info)
+        metrics = tasks.evaluate(prefix_model, tokenizer, test_rows, max_length=64, batch_size=128, bf16=bf16)
     prefix_seconds = time.perf_counter() - started
 
     print(f"\n[3/3] reload the saved prefix from {output_dir} onto a fresh MiniLM and classify")

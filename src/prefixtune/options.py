@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefixtune import recipes
+from prefixtune import demo, recipes
 from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import TrainConfig
@@ -157,10 +157,16 @@ INFO_OPTIONS = [
 ]
 DEMO_OPTIONS = [
     Option("output_dir", str, "prefixtune-demo", "Folder for the demo's prefix and logs."),
-    Option("train_samples", int, 3000, "Training snippets (a seeded sample of the 10,164): fixed work, same figures."),
-    Option("epochs", int, 2, "Passes over the training snippets."),
+    Option(
+        "train_samples",
+        int,
+        demo.TRAIN_SNIPPETS,
+        "Training snippets (a seeded sample of the 10,164): fixed work, same figures.",
+    ),
+    Option("epochs", int, demo.EPOCHS, "Passes over the training snippets."),
     Option("num_virtual_tokens", int, 16, _prefix_help("num_virtual_tokens")),
-    Option("learning_rate", float, 5e-2, "Peak learning rate of the prefix (and of the head)."),
+    Option("learning_rate", float, demo.LEARNING_RATE, "Peak learning rate of the prefix (and of the head)."),
+    Option("top_layers", int, demo.TOP_LAYERS, "How many of MiniLM's 6 layers, from the top, get the prefix."),
     Option("seed", int, 42, "Seed of the run."),
     Option("threads", int, None, "CPU threads for torch (default: torch's own, one per core); fixed for the run."),
 ]

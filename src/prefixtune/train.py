@@ -8,6 +8,7 @@ in `checkpoints.py`; the metrics log, curves and summary table in `run_log.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from prefixtune import defaults, serialization, tasks
+from prefixtune import defaults, layer_cache, serialization, tasks
 from prefixtune.checkpoints import CHECKPOINTS, LATEST, TrainState, load_checkpoint, save_checkpoint
 from prefixtune.data import collate
 from prefixtune.errors import PrefixTuneError
@@ -77,6 +78,11 @@ class TrainConfig:
     grad_accum: int = _opt("Micro-batches summed before each optimizer step (effective batch = this x batch).", 1)
     bf16: bool = _opt("Run forward passes under bfloat16 autocast (the prefix itself stays float32).", False)
     gradient_checkpointing: bool = _opt("Recompute activations in the backward pass: less memory, ~30% slower.", False)
+    cache_frozen_layers: bool = _opt(
+        "With a prefix in the upper --layers only: compute the layers below it once per row and reuse them "
+        "(no dropout there); later epochs and evaluations skip them. Costs the rows' hidden states in memory.",
+        False,
+    )
     seed: int = _opt("Seed for data order, dropout and prefix initialisation: the same seed gives the same run.", 42)
     max_length: int = _opt("Longest input in tokens, prefix included; never more than the model's positions.", 128)
     max_target_length: int | None = _opt("Longest target in tokens (seq2seq); None: same as the input budget.", 64)
@@ -572,9 +578,12 @@ def train(
     `eval_hook(step, metrics)` is called on the main process after every evaluation; returning True
     ends training there as early stopping does (the best prefix is kept): a search prunes trials with it.
     """
-    trainer = Trainer(model, tokenizer, train_rows, eval_rows, config or TrainConfig(), info)
-    trainer.fit(stop_hook, eval_hook)
-    return trainer.finish()
+    config = config or TrainConfig()
+    cache = layer_cache.cached_lower_layers(model) if config.cache_frozen_layers else contextlib.nullcontext()
+    with cache:
+        trainer = Trainer(model, tokenizer, train_rows, eval_rows, config, info)
+        trainer.fit(stop_hook, eval_hook)
+        return trainer.finish()
 
 
 def result_rows(result: TrainResult) -> list[tuple[str, Any]]:
