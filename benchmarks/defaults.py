@@ -31,6 +31,7 @@ DATASETS = ("rotten_tomatoes", "bbc_topic")
 GRID = {"learning_rate": [1e-2, 3e-2, 1e-1], "num_virtual_tokens": [8, 32], "epochs": [2, 5]}
 SEARCH_SHARE = 1 / 3  # the search may spend at most this share of the grid's compute
 SMALL = {"train": 400, "validation": 200}  # rows of the small data set (Rotten Tomatoes, split by movie)
+ROW_TIMEOUT = 4 * 3600  # a 5-epoch Rotten Tomatoes point takes about an hour on 2 cores
 QUICK = {"max_train_samples": 96, "max_eval_samples": 48, "max_steps": 12}  # a smoke test of the pipeline
 
 
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     for dataset in a.datasets.split(","):
         got = results.setdefault(dataset, {})
         if "defaults" in parts:
-            got["defaults"] = run_row("benchmarks.defaults", ["--row", "defaults", "--dataset", dataset, *flag])
+            args = ["--row", "defaults", "--dataset", dataset, *flag]
+            got["defaults"] = run_row("benchmarks.defaults", args, ROW_TIMEOUT)
             _save(results, a.quick)
         if "grid" in parts:
             # Resumable: a point already in the results file is kept, so a long grid can run in pieces.
@@ -161,13 +163,13 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 args = [f"--{k.replace('_', '-')}={v}" for k, v in point.items()]
                 args = ["--row", "grid", "--dataset", dataset, *args, *flag]
-                got["grid"].append(run_row("benchmarks.defaults", args))
+                got["grid"].append(run_row("benchmarks.defaults", args, timeout=ROW_TIMEOUT))
                 print(f"  {dataset} grid {point}: {got['grid'][-1]['validation_accuracy']:.4f}", flush=True)
                 _save(results, a.quick)
         if "search" in parts:
             trials = 2 if a.quick else len(grid_points()) // 3
             args = ["--row", "search", "--dataset", dataset, "--trials", str(trials), *flag]
-            got["search"] = run_row("benchmarks.defaults", args)
+            got["search"] = run_row("benchmarks.defaults", args, timeout=ROW_TIMEOUT)
             _save(results, a.quick)
     if "small" in parts:
         results["small"] = run_row("benchmarks.defaults", ["--row", "small", *flag])

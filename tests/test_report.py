@@ -137,7 +137,7 @@ def test_defaults_grid_resumes_where_the_results_file_stops(monkeypatch, tmp_pat
     (tmp_path / "defaults.json").write_text(json.dumps(done))
     ran: list[list[str]] = []
 
-    def fake_row(module, args):
+    def fake_row(module, args, timeout=None):
         ran.append(args)
         return {"validation_accuracy": 0.6}
 

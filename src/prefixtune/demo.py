@@ -31,6 +31,7 @@ LEARNING_RATE = 5e-2
 TOP_LAYERS = 3  # the prefix sits in MiniLM's top 3 of 6 layers; the 3 below are cached
 EPOCHS = 4  # top 3 layers, lr 5e-2: 0.7791 test accuracy; the prefix in all 6 layers for 2 epochs: 0.7668
 GUARD_SECONDS = 900.0  # stop training here whatever happens (then evaluate and save as usual)
+LABELS = ["negative", "positive"]
 SENTENCES = [
     "A gorgeous, witty and deeply moving film.",
     "The plot is a mess and the jokes fall flat.",
@@ -50,17 +51,6 @@ def _fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _load_base(path: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the "classifier is newly initialized" report is expected
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, dtype=torch.float32)
-    model.config.id2label, model.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
-    return model, tokenizer
-
-
 def run_demo(
     output_dir: str = "prefixtune-demo",
     train_samples: int = TRAIN_SNIPPETS,
@@ -74,7 +64,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Train, compare, save, reload, classify; print everything and return the numbers."""
     from prefixtune import baselines, layer_cache, tasks
-    from prefixtune.assets import load_builtin_dataset, minilm_path
+    from prefixtune.assets import load_builtin_dataset
     from prefixtune.model import PrefixModel, attach
     from prefixtune.run_log import summary_table
     from prefixtune.train import TrainConfig, train
@@ -91,9 +81,8 @@ def run_demo(
     random.Random(seed).shuffle(train_rows)
     train_rows = train_rows[:train_samples]
     test_rows = list(data["test"])[:test_samples] if test_samples else list(data["test"])
-    path = minilm_path()
     torch.manual_seed(seed)  # the new classifier head is drawn while the model loads
-    model, tokenizer = _load_base(path)
+    model, tokenizer, _ = tasks.load_model("minilm", "classification", 2, LABELS)
     layers = model.config.num_hidden_layers
     if not 1 <= top_layers < layers:  # the cache needs at least one layer below the prefix
         raise PrefixTuneError(f"top_layers must be between 1 and {layers - 1} (MiniLM has {layers}), got {top_layers}")
@@ -119,15 +108,15 @@ def run_demo(
                              warmup_ratio=0.06, bf16=bf16, group_by_length=True, seed=seed, max_length=64,
                              time_limit=GUARD_SECONDS, log_every=5, cache_frozen_layers=True)  # fmt: skip
         started = time.perf_counter()
-        info = {"model": "minilm", "label_names": ["negative", "positive"], "dataset": "rotten_tomatoes"}
+        info = {"model": "minilm", "label_names": LABELS, "dataset": "rotten_tomatoes"}
         result = train(prefix_model, tokenizer, train_rows, None, config, info=info)
         metrics = tasks.evaluate(prefix_model, tokenizer, test_rows, max_length=64, batch_size=128, bf16=bf16)
     prefix_seconds = time.perf_counter() - started
 
     print(f"\n[3/3] reload the saved prefix from {output_dir} onto a fresh MiniLM and classify")
-    fresh, _ = _load_base(path)
+    fresh, _, _ = tasks.load_model("minilm", "classification", 2, LABELS)
     reloaded = PrefixModel.from_pretrained(fresh, output_dir)
-    records = tasks.predict(reloaded, tokenizer, SENTENCES, ["negative", "positive"], max_length=64)
+    records = tasks.predict(reloaded, tokenizer, SENTENCES, LABELS, max_length=64)
     for r in records:
         print(f"      {r['label']:>8} ({r['score']:.2f})  {r['text']}")
 
