@@ -157,6 +157,13 @@ def test_recipe_values_are_overridden_by_flags(tmp_path):
     assert options.resolve_options("train", {"recipe": str(tmp_path / "r.json")})["optimizer"] == "sgd"
 
 
+def test_a_recipe_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes("model: minilm\ntemplate: caf\u00e9 {text}\n".encode("latin-1"))
+    with pytest.raises(PrefixTuneError, match=r"recipe .*r.yaml: not valid UTF-8 at line 2 \(byte offset 27\)"):
+        options.resolve_options("train", {"recipe": str(recipe)})
+
+
 def test_hub_dataset_path_maps_columns(monkeypatch):
     import prefixtune.data
 

@@ -69,6 +69,24 @@ def test_corrupt_tensor_file(saved):
         PrefixModel.from_pretrained(tiny.make("llama"), saved)
 
 
+def test_one_safetensors_reader_names_the_file_and_what_is_wrong(tmp_path):
+    from safetensors.torch import save_file
+
+    from prefixtune.serialization import read_safetensors
+
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.ones(2), "b": torch.zeros(3)}, str(path))
+    assert set(read_safetensors(path, "checkpoint file")) == {"a", "b"}
+    assert list(read_safetensors(path, "checkpoint file", ["b"])) == ["b"]
+    with pytest.raises(PrefixTuneError, match=r"PEFT adapter file .*t.safetensors' holds no \['prompt_embeddings'\]"):
+        read_safetensors(path, "PEFT adapter file", ["prompt_embeddings"])
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(PrefixTuneError, match="checkpoint file .* is corrupt or not safetensors"):
+        read_safetensors(path, "checkpoint file")
+    with pytest.raises(PrefixTuneError, match="checkpoint file .* is missing"):
+        read_safetensors(tmp_path / "gone.safetensors", "checkpoint file")
+
+
 def test_corrupt_and_invalid_config(saved):
     path = saved / CONFIG_NAME
     good = json.loads(path.read_text())

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from prefixtune import serialization
@@ -98,14 +97,6 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
-        raise PrefixTuneError(f"checkpoint file {path} is unreadable: {exc}") from None
-
-
 # ----------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(
     directory: Path, accelerator: Any, model: Any, optimizer: Any, scheduler: Any, state: TrainState, cfg: Any
@@ -172,10 +163,10 @@ def load_checkpoint(
         )
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_tensors(serialization.read_tensors(path / "prefix"), source=str(path / "prefix"))
-    flat = _read_safetensors(path / "optimizer.safetensors")
+    flat = serialization.read_safetensors(path / "optimizer.safetensors", "checkpoint file")
     optimizer.load_state_dict(_unflatten_optimizer(flat, serialization.read_json_object(path / "optimizer.json")))
     scheduler.load_state_dict(serialization.read_json_object(path / "scheduler.json"))
     rank = accelerator.process_index
-    rng = _read_safetensors(path / f"rng-{rank}.safetensors")
+    rng = serialization.read_safetensors(path / f"rng-{rank}.safetensors", "checkpoint file")
     _set_rng_state(rng, serialization.read_json_object(path / f"rng-{rank}.json"))
     return TrainState(**saved["state"])

@@ -16,7 +16,8 @@ TASKS = ("auto", "classification", "causal_lm", "seq2seq_lm", "base")
 POOLINGS = ("auto", "model", "mean")
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+def documented(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field with help text: the CLI's `--help` and the README read it from there."""
     if "default_factory" in kw:
         return field(metadata={"help": text}, **kw)
     return field(default=default, metadata={"help": text})
@@ -26,46 +27,48 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class PrefixConfig:
     """Settings of one prefix. Every field carries help text, shown by `prefixtune --help` too."""
 
-    method: str = _help(
+    method: str = documented(
         "prefix: learned keys/values in every attention layer (Li & Liang 2021; with a task head this "
         "is P-tuning v2). prompt: a soft prompt at the input embeddings (Lester 2021). text: a fixed "
         "discrete text joined to every input.",
         "prefix",
     )
-    num_virtual_tokens: int = _help(
+    num_virtual_tokens: int = documented(
         "Prefix length P. For method 'text' it is the text's token count. Default 16: P-tuning v2 uses 8-20 "
         "for classification, and P = 64 did not beat 16 in this project's classification capacity sweep.",
         16,
     )
-    text: str | None = _help(
+    text: str | None = documented(
         "The discrete text. Method 'text' uses it as the prefix; 'prefix' and 'prompt' start from it "
         "(init 'text'): prefix tuning takes the model's own keys/values on it, prompt tuning its embeddings.",
         None,
     )
-    init: str = _help(
+    init: str = documented(
         "random | zero | vocab (activations or embeddings of sampled vocabulary) | text. 'auto' picks "
         "'text' when a text is given and 'vocab' otherwise: in PEFT's MetaMathQA runs, random init "
         "scored far below both.",
         "auto",
     )
-    layers: list[int] | None = _help("Layer indices that get a prefix (method 'prefix'); None means every layer.", None)
-    reparam: str = _help(
+    layers: list[int] | None = documented(
+        "Layer indices that get a prefix (method 'prefix'); None means every layer.", None
+    )
+    reparam: str = documented(
         "none: learn keys/values directly. mlp: learn them through embedding -> Linear -> Tanh -> Linear "
         "(Li & Liang); the MLP is collapsed to plain keys/values for inference.",
         "none",
     )
-    reparam_hidden: int = _help("Hidden width of the reparameterisation MLP.", 512)
-    task: str = _help(
+    reparam_hidden: int = documented("Hidden width of the reparameterisation MLP.", 512)
+    task: str = documented(
         "classification | causal_lm | seq2seq_lm | base. 'auto' reads it from the model class. "
         "Classification also trains the model's task head.",
         "auto",
     )
-    head_modules: list[str] | None = _help(
+    head_modules: list[str] | None = documented(
         "Top-level module names trained with the prefix (the task head). None: found automatically "
         "for classification (classifier, score, classification_head, ...).",
         None,
     )
-    pooling: str = _help(
+    pooling: str = documented(
         "The sentence vector a BERT-style classification head reads. model: the model's own pooler "
         "([CLS] through a dense layer). mean: the mean of the last hidden states over the attended "
         "tokens, the vector sentence-embedding encoders such as all-MiniLM-L6-v2 were trained to give; "
@@ -73,12 +76,12 @@ class PrefixConfig:
         "sentence-transformers folder whose modules.json declares mean pooling, else model.",
         "auto",
     )
-    position_offset: bool | None = _help(
+    position_offset: bool | None = documented(
         "Put real tokens at positions P..P+n-1, as PEFT and the paper do for decoders. None: on for "
         "decoder-only models, off for encoders.",
         None,
     )
-    seed: int = _help("Seed for random and vocabulary initialisation.", 0)
+    seed: int = documented("Seed for random and vocabulary initialisation.", 0)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from .errors import PrefixTuneError
+from .errors import PrefixTuneError, first_line
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 Mode = Literal["classification", "causal_lm", "seq2seq"]
@@ -27,8 +27,11 @@ class TruncationWarning(UserWarning):
 # ------------------------------------------------------------------------------------ reading
 
 
-def _decode_utf8(path: str, raw: bytes) -> str:
-    """UTF-8 (an Excel-style BOM is skipped); on failure say where, since the user must fix the file."""
+def decode_utf8(path: str, raw: bytes) -> str:
+    """UTF-8 (an Excel-style BOM is skipped); on failure say where, since the user must fix the file.
+
+    The one decoder of user files (data, texts to predict on, recipes): `path` names the file in the error.
+    """
     skip = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
     try:
         return raw[skip:].decode("utf-8")
@@ -112,7 +115,7 @@ def read_table(
             f"{path}: unsupported file type {ext or '(none)'!r}; expected .csv, .tsv, .json or .jsonl"
         )
     with open(path, "rb") as f:
-        text = _decode_utf8(path, f.read())
+        text = decode_utf8(path, f.read())
 
     wanted = [("text", text_column), ("label", label_column), ("target", target_column), ("group", group_column)]
     wanted = [(key, col) for key, col in wanted if col is not None]
@@ -224,11 +227,10 @@ def load_hub_dataset(
     try:
         ds = datasets.load_dataset(name, config, split=split, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure is reported the same way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise PrefixTuneError(
             f"could not load hub data set {name!r}"
             + (f" (config {config!r})" if config else "")
-            + f": {type(exc).__name__}: {first}; offline? use a local CSV/JSON/JSONL file instead"
+            + f": {type(exc).__name__}: {first_line(exc)}; offline? use a local CSV/JSON/JSONL file instead"
         ) from None
     if isinstance(ds, datasets.DatasetDict):
         return {k: v.to_list() for k, v in ds.items()}

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
@@ -68,15 +67,8 @@ def from_peft(base_model: nn.Module, directory: str | Path, is_trainable: bool =
     directory = Path(directory)
     config = _read_peft_config(directory)
     path = directory / PEFT_WEIGHTS
-    if not path.exists():
-        raise PrefixTuneError(f"{path} is missing (prefixtune reads safetensors adapters only, never .bin)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            if "prompt_embeddings" not in handle.keys():
-                raise PrefixTuneError(f"{path} holds no 'prompt_embeddings' tensor (keys: {list(handle.keys())})")
-            weights = handle.get_tensor("prompt_embeddings")
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise PrefixTuneError(f"{path} is corrupt or not safetensors: {exc}") from exc
+    # Safetensors adapters only: a PEFT adapter_model.bin is a pickle and is never read.
+    weights = serialization.read_safetensors(path, "PEFT adapter file", ["prompt_embeddings"])["prompt_embeddings"]
     method = METHOD_OF[config["peft_type"]]
     prefix_config = PrefixConfig(
         method=method, num_virtual_tokens=config["num_virtual_tokens"], init="zero", task=TASKS[config.get("task_type")]

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from prefixtune.errors import PrefixTuneError
+from prefixtune.data import decode_utf8
+from prefixtune.errors import PrefixTuneError, first_line
 
 
 def load_recipe(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
@@ -24,28 +25,24 @@ def load_recipe(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as exc:
         raise PrefixTuneError(f"recipe {path}: cannot read it: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise PrefixTuneError(f"recipe {path}: not valid UTF-8 at line {line}") from None
+    text = decode_utf8(f"recipe {path}", raw)
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PrefixTuneError(f"recipe {path}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
         except (ValueError, RecursionError) as exc:  # a number of more than 4300 digits, nesting too deep
-            raise PrefixTuneError(f"recipe {path}: unreadable JSON: {_first_line(exc)}") from None
+            raise PrefixTuneError(f"recipe {path}: unreadable JSON: {first_line(exc)}") from None
     elif path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise PrefixTuneError(f"recipe {path}: malformed YAML: {_first_line(exc)}") from None
+            raise PrefixTuneError(f"recipe {path}: malformed YAML: {first_line(exc)}") from None
         except Exception as exc:  # noqa: BLE001 - PyYAML's value constructors raise plain errors
             # e.g. `2001-02-30` (no such day), `!!int abc`, a 5000-digit number, nesting too deep
-            raise PrefixTuneError(f"recipe {path}: unreadable YAML value: {_first_line(exc)}") from None
+            raise PrefixTuneError(f"recipe {path}: unreadable YAML value: {first_line(exc)}") from None
     else:
         raise PrefixTuneError(f"recipe {path}: unsupported file type {path.suffix!r}; expected .yaml, .yml or .json")
     if data is None:
@@ -53,11 +50,6 @@ def load_recipe(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise PrefixTuneError(f"recipe {path}: expected a mapping of option names to values, got {type(data).__name__}")
     return normalise(data, known, str(path))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return text or type(exc).__name__
 
 
 def normalise(data: Mapping[str, Any], known: Iterable[str], source: str = "recipe") -> dict[str, Any]:

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +98,26 @@ def read_config(directory: str | os.PathLike) -> dict:
     return config
 
 
-def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = Path(directory) / WEIGHTS_NAME
+def read_safetensors(path: str | os.PathLike, what: str, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (or only `keys`, each required), or an error naming `what` it is.
+
+    The one reader of tensors from disk: safetensors never runs code, and a truncated or foreign file
+    becomes one clear error instead of a library's traceback.
+    """
+    path = Path(path)
     if not path.exists():
-        raise PrefixTuneError(f"prefix file {str(path)!r} is missing")
+        raise PrefixTuneError(f"{what} {str(path)!r} is missing")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            found = list(handle.keys())
+            tensors = {key: handle.get_tensor(key) for key in found if keys is None or key in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PrefixTuneError(f"prefix file {str(path)!r} is corrupt or not safetensors: {exc}") from exc
+        raise PrefixTuneError(f"{what} {str(path)!r} is corrupt or not safetensors: {exc}") from exc
+    missing = [k for k in keys or () if k not in tensors]
+    if missing:
+        raise PrefixTuneError(f"{what} {str(path)!r} holds no {missing} tensor (keys: {found})")
+    return tensors
+
+
+def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return read_safetensors(Path(directory) / WEIGHTS_NAME, "prefix file")

@@ -20,8 +20,8 @@ import torch
 
 from prefixtune import serialization
 from prefixtune.assets import resolve_model
-from prefixtune.data import IGNORE_INDEX, collate, to_examples, tokenize_with_budget
-from prefixtune.errors import PrefixTuneError
+from prefixtune.data import IGNORE_INDEX, collate, decode_utf8, to_examples, tokenize_with_budget
+from prefixtune.errors import PrefixTuneError, first_line
 from prefixtune.metrics import classification_metrics, generation_metrics
 
 TRAIN_INFO = "prefixtune_train.json"  # what the CLI needs to reuse a prefix: base model, labels, template
@@ -53,9 +53,8 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
         raise PrefixTuneError(
-            f"cannot load model {name!r}: {first}; give 'minilm', 'smollm2', a local model folder, "
+            f"cannot load model {name!r}: {first_line(exc)}; give 'minilm', 'smollm2', a local model folder, "
             "or a hub name (needs the network)"
         ) from None
     if task == "auto":
@@ -361,13 +360,7 @@ def read_texts(source: str | None, text_column: str = "text") -> list[str]:
         raw = Path(source).read_bytes()
     else:
         raw = sys.stdin.buffer.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise PrefixTuneError(
-            f"{source or 'stdin'}: not valid UTF-8 at line {line}; re-save the text as UTF-8"
-        ) from None
+    text = decode_utf8(source or "stdin", raw)
     lines = [line.strip() for line in text.splitlines()]
     return [line for line in lines if line]
 

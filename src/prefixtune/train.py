@@ -25,6 +25,7 @@ import torch
 
 from prefixtune import defaults, layer_cache, serialization, tasks
 from prefixtune.checkpoints import CHECKPOINTS, LATEST, TrainState, load_checkpoint, save_checkpoint
+from prefixtune.config import documented
 from prefixtune.data import collate
 from prefixtune.errors import PrefixTuneError
 from prefixtune.run_log import CURVES, METRICS_LOG, MetricsLog, plot_curves, summary_table
@@ -38,78 +39,86 @@ def _has_accelerator() -> bool:
     return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
 
 
-def _opt(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
 @dataclass
 class TrainConfig:
     """How to train. Every field's help text is also the CLI's `--help` for the matching flag."""
 
-    output_dir: str = _opt("Folder for the prefix, checkpoints, metrics.jsonl and curves.png.", "prefixtune-output")
-    epochs: int | None = _opt(
+    output_dir: str = documented(
+        "Folder for the prefix, checkpoints, metrics.jsonl and curves.png.", "prefixtune-output"
+    )
+    epochs: int | None = documented(
         "Passes over the training data. Unset: a step budget, max(1000 steps, 3 epochs), cut short by early "
         "stopping on validation (1000 steps: where the classification benchmark's prefixes peaked).",
         None,
     )
-    max_steps: int | None = _opt("Train for this many optimizer steps (overrides epochs).", None)
-    time_limit: float | None = _opt(
+    max_steps: int | None = documented("Train for this many optimizer steps (overrides epochs).", None)
+    time_limit: float | None = documented(
         "Stop training after this many seconds, then evaluate and save as usual (the schedule is not shortened).",
         None,
     )
-    batch_size: int = _opt("Examples per forward pass (per process).", 16)
-    eval_batch_size: int = _opt("Examples per forward pass when evaluating.", 64)
-    learning_rate: float | None = _opt(
+    batch_size: int = documented("Examples per forward pass (per process).", 16)
+    eval_batch_size: int = documented("Examples per forward pass when evaluating.", 64)
+    learning_rate: float | None = documented(
         "Peak learning rate. Unset: measured per method (prefixtune.defaults): 3e-2 for a direct prefix, 1e-3 "
         "through the MLP, 1e-2 for prompt tuning (1e-1 on a decoder). Prefixes want far larger rates than "
         "fine-tuning.",
         None,
     )
-    optimizer: str = _opt(
+    optimizer: str = documented(
         "adamw | adam | sgd (momentum 0.9) | rmsprop | adafactor (fixed learning rate, no relative step).", "adamw"
     )
-    scheduler: str = _opt("Learning-rate schedule after warmup: linear | cosine | constant.", "linear")
-    warmup_ratio: float = _opt("Fraction of the steps spent warming the learning rate up from 0.", 0.06)
-    weight_decay: float = _opt("Decoupled weight decay (adamw, adafactor) or L2 (others).", 0.0)
-    max_grad_norm: float | None = _opt("Clip the gradient norm to this value; None turns clipping off.", 1.0)
-    group_by_length: bool = _opt(
+    scheduler: str = documented("Learning-rate schedule after warmup: linear | cosine | constant.", "linear")
+    warmup_ratio: float = documented("Fraction of the steps spent warming the learning rate up from 0.", 0.06)
+    weight_decay: float = documented("Decoupled weight decay (adamw, adafactor) or L2 (others).", 0.0)
+    max_grad_norm: float | None = documented("Clip the gradient norm to this value; None turns clipping off.", 1.0)
+    group_by_length: bool = documented(
         "Batch texts of similar length together (less padding, faster on CPU); the order stays seeded.", False
     )
-    grad_accum: int = _opt("Micro-batches summed before each optimizer step (effective batch = this x batch).", 1)
-    bf16: bool = _opt("Run forward passes under bfloat16 autocast (the prefix itself stays float32).", False)
-    gradient_checkpointing: bool = _opt("Recompute activations in the backward pass: less memory, ~30% slower.", False)
-    cache_frozen_layers: bool = _opt(
+    grad_accum: int = documented("Micro-batches summed before each optimizer step (effective batch = this x batch).", 1)
+    bf16: bool = documented("Run forward passes under bfloat16 autocast (the prefix itself stays float32).", False)
+    gradient_checkpointing: bool = documented(
+        "Recompute activations in the backward pass: less memory, ~30% slower.", False
+    )
+    cache_frozen_layers: bool = documented(
         "With a prefix in the upper --layers only: compute the layers below it once per row and reuse them "
         "(no dropout there); later epochs and evaluations skip them. Costs the rows' hidden states in memory.",
         False,
     )
-    seed: int = _opt("Seed for data order, dropout and prefix initialisation: the same seed gives the same run.", 42)
-    max_length: int = _opt("Longest input in tokens, prefix included; never more than the model's positions.", 128)
-    max_target_length: int | None = _opt("Longest target in tokens (seq2seq); None: same as the input budget.", 64)
-    template: str = _opt("Prompt built from each row; {text} is replaced by the row's text.", "{text}")
-    eval_every: int | None = _opt(
+    seed: int = documented(
+        "Seed for data order, dropout and prefix initialisation: the same seed gives the same run.", 42
+    )
+    max_length: int = documented(
+        "Longest input in tokens, prefix included; never more than the model's positions.", 128
+    )
+    max_target_length: int | None = documented(
+        "Longest target in tokens (seq2seq); None: same as the input budget.", 64
+    )
+    template: str = documented("Prompt built from each row; {text} is replaced by the row's text.", "{text}")
+    eval_every: int | None = documented(
         "Evaluate on validation every N optimizer steps; 0: at the end of every epoch. Unset: 10 times per run.",
         None,
     )
-    eval_generate: bool = _opt("Also generate and score ROUGE/BLEU at each evaluation (slow); else loss only.", False)
-    max_new_tokens: int = _opt("Tokens to generate when scoring generation.", 32)
-    patience: int | None = _opt(
+    eval_generate: bool = documented(
+        "Also generate and score ROUGE/BLEU at each evaluation (slow); else loss only.", False
+    )
+    max_new_tokens: int = documented("Tokens to generate when scoring generation.", 32)
+    patience: int | None = documented(
         "Early stopping: stop after this many evaluations without improvement; 0 never stops. "
         "Unset: 3 when there is validation data.",
         None,
     )
-    metric: str = _opt(
+    metric: str = documented(
         "Metric that picks the best prefix: auto (accuracy, or loss for generation) or any name.", "auto"
     )
-    checkpoint_every: int = _opt("Write a resumable checkpoint every N steps; 0: at every evaluation.", 0)
-    resume: bool = _opt("Continue from the latest checkpoint in output_dir, exactly where it stopped.", False)
-    log_every: int = _opt("Write the training loss to metrics.jsonl every N steps.", 10)
-    skip_bad_batches: bool = _opt(
+    checkpoint_every: int = documented("Write a resumable checkpoint every N steps; 0: at every evaluation.", 0)
+    resume: bool = documented("Continue from the latest checkpoint in output_dir, exactly where it stopped.", False)
+    log_every: int = documented("Write the training loss to metrics.jsonl every N steps.", 10)
+    skip_bad_batches: bool = documented(
         "When a step's loss or gradients are NaN/inf, skip it (no optimizer or schedule update) and count it, "
         "instead of stopping training with an error. The skipped step still counts towards epochs and max_steps.",
         False,
     )
-    progress: bool = _opt("Show a progress bar with loss, speed and ETA.", True)
+    progress: bool = documented("Show a progress bar with loss, speed and ETA.", True)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -457,9 +466,7 @@ class Trainer:
         if self.main and self.eval_rows:
             self.last_eval = _evaluate(self.unwrapped, self.tokenizer, self.eval_rows, cfg)
             if self.metric not in self.last_eval:
-                raise PrefixTuneError(
-                    f"metric {self.metric!r} is not computed; available: {', '.join(self.last_eval)}"
-                )
+                raise PrefixTuneError(f"metric {self.metric!r} is not computed; available: {', '.join(self.last_eval)}")
             self.log.write({"split": "eval", "step": state.step, "epoch": self._epoch(), **self.last_eval})
             if better(self.metric, self.last_eval[self.metric], state.best):
                 state.best, state.best_step, state.bad_evals = self.last_eval[self.metric], state.step, 0

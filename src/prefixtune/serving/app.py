@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from prefixtune import tasks
 from prefixtune.assets import resolve_model
-from prefixtune.errors import PrefixTuneError
+from prefixtune.errors import PrefixTuneError, first_line
 from prefixtune.serving.guards import BodyLimit, HeaderTimeoutH11Protocol
 from prefixtune.serving.routes import install_routes
 from prefixtune.serving.settings import Settings
@@ -40,7 +40,7 @@ def load_base(name: str, device: str | None = None, dtype: str | None = None) ->
     try:
         config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise PrefixTuneError(f"cannot load model {name!r}: {(str(exc).strip().splitlines() or [''])[0]}") from None
+        raise PrefixTuneError(f"cannot load model {name!r}: {first_line(exc)}") from None
     if any("SequenceClassification" in a for a in getattr(config, "architectures", None) or []):
         labels = [str(config.id2label.get(i, i)) for i in range(config.num_labels)]
         model, tokenizer, task = tasks.load_model(name, "classification", config.num_labels, labels)
