@@ -593,7 +593,7 @@ def test_classify_equals_offline_and_reports_labels(bert):
 
 
 def test_command_line_options(monkeypatch, tmp_path):
-    """`python -m prefixtune.server` and the `prefixtune serve` verb share these options."""
+    """`python -m prefixtune.serving` and the `prefixtune serve` verb share these options."""
     import prefixtune.serving.command as server_module
 
     seen = {}

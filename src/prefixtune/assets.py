@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PrefixTuneError
@@ -37,7 +37,6 @@ class TextDataset:
     text_column: str = "text"
     label_column: str | None = "label"
     target_column: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __getitem__(self, split: str) -> list[dict]:
         return self.splits[split]

@@ -21,7 +21,8 @@ from prefixtune import serialization
 from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.options import RECIPE, VERB_HELP, VERB_OPTIONS, Option, resolve_options
-from prefixtune.train import TrainConfig, TrainResult
+from prefixtune.train import TrainConfig, TrainResult, evaluate_rows
+from prefixtune.train import train as train_prefix
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -176,7 +177,7 @@ def train(**options: Any) -> TrainResult:
     splits, label_names = load_training_data(opts)
     model, tokenizer, train_cfg = build_model(opts, splits["train"], label_names)
     info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"]}
-    result = run_training(model, tokenizer, splits["train"], splits["validation"], train_cfg, info)
+    result = train_prefix(model, tokenizer, splits["train"], splits["validation"], train_cfg, info)
     if _is_main_process():  # under `accelerate launch` the other processes are done
         _report(model, tokenizer, splits, opts, result)
     return result
@@ -184,16 +185,13 @@ def train(**options: Any) -> TrainResult:
 
 def _report(model: Any, tokenizer: Any, splits: dict[str, list[dict]], opts: dict, result: TrainResult) -> None:
     """Score the test split (if any) and, for a classifier, the baselines beside it on the same rows."""
-    from prefixtune import baselines, tasks
+    from prefixtune import baselines
 
     cfg = result.config or TrainConfig()
     test_rows = splits.get("test")
 
     def score(rows: list[dict]) -> dict[str, Any]:
-        return tasks.evaluate(
-            model, tokenizer, rows, cfg.max_length, cfg.eval_batch_size, cfg.template, cfg.max_target_length,
-            cfg.max_new_tokens, bf16=cfg.bf16,
-        )  # fmt: skip
+        return evaluate_rows(model, tokenizer, rows, cfg, with_generation=True)
 
     metrics: dict[str, Any] = {}
     if test_rows:
@@ -222,13 +220,6 @@ def _is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
-
-
-def run_training(model: Any, tokenizer: Any, train_rows: list, eval_rows: Any, cfg: TrainConfig, info: dict) -> Any:
-    """`prefixtune.train.train`, imported late so that `prefixtune --help` stays fast."""
-    from prefixtune.train import train as run
-
-    return run(model, tokenizer, train_rows, eval_rows, cfg, info)
 
 
 def _load_saved(opts: dict) -> tuple[Any, Any, dict]:

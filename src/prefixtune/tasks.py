@@ -26,7 +26,8 @@ from prefixtune.metrics import classification_metrics, generation_metrics
 
 TRAIN_INFO = "prefixtune_train.json"  # what the CLI needs to reuse a prefix: base model, labels, template
 MODES = {"classification": "classification", "causal_lm": "causal_lm", "seq2seq_lm": "seq2seq"}
-ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert", "longformer", "bart", "mbart")
+# Their position ids start after the pad index, so pad_token_id + 1 of the table can never hold a token.
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")
 
 
 # ----------------------------------------------------------------------------------- models
@@ -98,8 +99,8 @@ def max_positions(model: torch.nn.Module) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
-            if getattr(config, "model_type", "") in ROBERTA_LIKE[:4]:
-                value -= (config.pad_token_id or 0) + 1  # RoBERTa positions start after the pad index
+            if getattr(config, "model_type", "") in PADDING_OFFSET_POSITIONS:
+                value -= (config.pad_token_id or 0) + 1
             return value
     return None
 

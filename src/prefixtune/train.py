@@ -261,7 +261,13 @@ def _all_finite(model: Any) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_tensors().values())
 
 
-def _evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], cfg: TrainConfig) -> dict[str, float]:
+def evaluate_rows(
+    model: Any, tokenizer: Any, rows: Sequence[dict], cfg: TrainConfig, with_generation: bool | None = None
+) -> dict[str, float]:
+    """`tasks.evaluate` with a run's own settings: validation during training, and test after it.
+
+    Generation metrics follow `cfg.eval_generate` unless `with_generation` says otherwise.
+    """
     return tasks.evaluate(
         model,
         tokenizer,
@@ -271,7 +277,7 @@ def _evaluate(model: Any, tokenizer: Any, rows: Sequence[dict], cfg: TrainConfig
         template=cfg.template,
         max_target_length=cfg.max_target_length,
         max_new_tokens=cfg.max_new_tokens,
-        with_generation=cfg.eval_generate,
+        with_generation=cfg.eval_generate if with_generation is None else with_generation,
         bf16=cfg.bf16,
     )
 
@@ -464,7 +470,7 @@ class Trainer:
         state, cfg = self.state, self.cfg
         stop, self.evaluated_at = False, state.step
         if self.main and self.eval_rows:
-            self.last_eval = _evaluate(self.unwrapped, self.tokenizer, self.eval_rows, cfg)
+            self.last_eval = evaluate_rows(self.unwrapped, self.tokenizer, self.eval_rows, cfg)
             if self.metric not in self.last_eval:
                 raise PrefixTuneError(f"metric {self.metric!r} is not computed; available: {', '.join(self.last_eval)}")
             self.log.write({"split": "eval", "step": state.step, "epoch": self._epoch(), **self.last_eval})
