@@ -311,9 +311,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = wrapped("llama")
         if checkpointing:
             model.gradient_checkpointing_enable()
+        layers = [m for m in model.base_model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert layers and all(m.gradient_checkpointing == checkpointing for m in layers)
         model.train()
         kw = inputs("llama")
         loss = model(**kw, labels=kw["input_ids"]).loss
         loss.backward()
         grads.append(model.prefix.table.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+    assert grads[0].abs().sum() > 0

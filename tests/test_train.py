@@ -164,21 +164,6 @@ def test_gradient_checkpointing_trains_to_the_same_prefix(tmp_path):
         torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    grads = []
-    for flag in (False, True):
-        model, _ = lm()
-        model.train()
-        if flag:
-            model.gradient_checkpointing_enable()
-        torch.manual_seed(0)
-        ids = torch.tensor([[4, 5, 6, 7, 8], [9, 10, 11, 12, 13]])
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads.append(model.prefix.table.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
-    assert grads[0].abs().sum() > 0
-
-
 # ------------------------------------------------------------------------- evaluation and output
 def test_outputs_logs_plot_and_best_prefix(tmp_path):
     model, tok = classifier()
@@ -209,7 +194,12 @@ def test_outputs_logs_plot_and_best_prefix(tmp_path):
 
 def test_bf16_autocast_and_time_limit(tmp_path):
     model, tok = lm()
+    linear = next(m for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
+    seen: set[torch.dtype] = set()
+    hook = linear.register_forward_hook(lambda _m, _args, out: seen.add(out.dtype))
     result = train(model, tok, LM_ROWS, None, cfg(tmp_path, bf16=True, epochs=50, time_limit=1.0))
+    hook.remove()
+    assert torch.bfloat16 in seen  # the forward passes really ran under autocast
     assert result.out_of_time and 0 < result.steps < 50 * 6
     assert serialization.read_tensors(tmp_path / "run")["prefix"].dtype == torch.float32
 
