@@ -28,8 +28,7 @@ The modules, from the outside in:
 - routes: the endpoints and OpenAI-shaped error handlers.
 - schemas: the request bodies the endpoints accept.
 - completions, classify: what the endpoints answer.
-- state: what one app owns (`PrefixServer`) and how a model id becomes a prefix.
-- prompts: tokenising prompts and checking them against the limits.
+- server: what one app owns (`PrefixServer`), how a model id becomes a prefix, and the prompt limits.
 - transcript: one request's results as its handler receives them.
 - prefix_store: the prefixes folder (polling, atomic admin upload and delete).
 - batcher, engine, work: the worker thread, the model calls, and what they share with handlers.

@@ -28,8 +28,8 @@ from prefixtune.assets import resolve_model
 from prefixtune.errors import PrefixTuneError, first_line
 from prefixtune.serving.guards import BodyLimit, HeaderTimeoutH11Protocol
 from prefixtune.serving.routes import install_routes
+from prefixtune.serving.server import PrefixServer
 from prefixtune.serving.settings import Settings
-from prefixtune.serving.state import PrefixServer
 
 
 def load_base(name: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any, str]:

@@ -10,10 +10,9 @@ import asyncio
 
 from fastapi import Request
 
-from prefixtune.serving import prompts
 from prefixtune.serving.errors import RequestError
 from prefixtune.serving.schemas import ClassifyRequest
-from prefixtune.serving.state import PrefixServer
+from prefixtune.serving.server import PrefixServer
 from prefixtune.serving.work import Sink, Work
 
 
@@ -22,7 +21,7 @@ async def classify(srv: PrefixServer, request: Request, body: ClassifyRequest) -
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise RequestError(400, "input is empty")
-    ids = await asyncio.to_thread(prompts.encode, srv, texts)
+    ids = await asyncio.to_thread(srv.encode, texts)
     work = Work("classify", prefix, ids, Sink(asyncio.get_running_loop(), 4))
     transcript = srv.submit(work, prefix)
     await transcript.wait(request)

@@ -18,10 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from prefixtune.serving import prompts
 from prefixtune.serving.errors import RequestError, error_body
 from prefixtune.serving.schemas import ChatRequest, CompletionRequest
-from prefixtune.serving.state import PrefixServer
+from prefixtune.serving.server import PrefixServer
 from prefixtune.serving.transcript import Transcript
 from prefixtune.serving.work import Sink, Work
 
@@ -60,10 +59,10 @@ async def generate(srv: PrefixServer, request: Request, body: CompletionRequest 
     chat = isinstance(body, ChatRequest)
     prefix = await srv.lookup(body.model, "generate")
     if chat:
-        ids = await asyncio.to_thread(prompts.encode_chat, srv, body.messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens or prompts.room(srv, ids, prefix)
+        ids = await asyncio.to_thread(srv.encode_chat, body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens or srv.room(ids, prefix)
     else:
-        ids = await asyncio.to_thread(prompts.encode, srv, body.prompt)
+        ids = await asyncio.to_thread(srv.encode, body.prompt)
         max_tokens = body.max_tokens
     capacity = len(ids) * body.n * (max_tokens + 1) + 2  # every event this request can produce
     work = Work(

@@ -22,7 +22,7 @@ from prefixtune.serving.classify import classify
 from prefixtune.serving.errors import RequestError, error_body
 from prefixtune.serving.guards import admin_error
 from prefixtune.serving.schemas import ChatRequest, ClassifyRequest, CompletionRequest, UploadRequest
-from prefixtune.serving.state import PrefixServer
+from prefixtune.serving.server import PrefixServer
 
 log = logging.getLogger("prefixtune.server")
 

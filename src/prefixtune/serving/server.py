@@ -4,8 +4,11 @@
 routes reach everything through it (it is `app.state.prefixtune`). Its own logic is the part every
 endpoint shares: resolving a model id (the base model's id means no prefix; a subfolder dropped in
 since the last scan is loaded on the spot), describing a model, and handing a checked request to the
-batcher. Tokenising and the per-request limits are in `prompts.py`, waiting for results in
-`transcript.py`.
+batcher. It also turns a request's prompts into token ids and checks them against the limits
+before they reach the batcher: on the event loop, an over-long prompt or an oversized request is
+answered 400 at once with the limit it broke, instead of failing inside a shared batch. The limits:
+`max_tokens_limit`, `max_batch_size` rows (prompts x n when sampling), `max_prompt_tokens`, and the
+model's own positions (prompt + prefix + new tokens). Waiting for results is in `transcript.py`.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from typing import Any
 from prefixtune import serialization, tasks
 from prefixtune.collection import PrefixCollection
 from prefixtune.model import PrefixModel
-from prefixtune.serving import prompts
 from prefixtune.serving.batcher import Batcher
 from prefixtune.serving.engine import Engine
 from prefixtune.serving.errors import RequestError
 from prefixtune.serving.prefix_store import PrefixFolder
+from prefixtune.serving.schemas import ChatMessage
 from prefixtune.serving.settings import NAME_RE, Settings
 from prefixtune.serving.transcript import Transcript
 from prefixtune.serving.work import Work
@@ -109,10 +112,78 @@ class PrefixServer:
             "num_virtual_tokens": cfg.num_virtual_tokens,
         }
 
+    # ------------------------------------------------------------------------------ prompts and limits
+    def encode(self, prompt: str | list, special: bool = True) -> list[list[int]]:
+        """Token ids of each prompt: a string, a list of strings, a list of ids or a list of id lists."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        prompts = [
+            self.tokenizer(p, add_special_tokens=special)["input_ids"] if isinstance(p, str) else p for p in prompt
+        ]
+        if not prompts or not all(prompts):
+            raise RequestError(400, "the prompt is empty")
+        if any(not 0 <= t < self.vocab for p in prompts for t in p):
+            raise RequestError(400, f"prompt token ids must be in [0, {self.vocab})")
+        return prompts
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[list[int]]:
+        """Token ids of a conversation through the tokenizer's chat template, ready for the assistant's turn."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(400, "the model's tokenizer has no chat template; use /v1/completions")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [m.as_dict() for m in messages], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. role order)
+            raise RequestError(400, f"the chat template refused these messages: {exc}") from exc
+        return self.encode(text, special=False)
+
+    def _used(self, prefix: str | None) -> int:
+        return 0 if prefix is None else self.member(prefix).positions_used
+
+    def room(self, prompts: list[list[int]], prefix: str | None) -> int:
+        """Default max_tokens when a chat request names none: the limit, or what fits the model."""
+        limit = self.settings.max_tokens_limit
+        if not self.max_positions or self.engine.task != "causal_lm":
+            return limit
+        return max(1, min(limit, self.max_positions - self._used(prefix) - max(len(p) for p in prompts)))
+
+    def check_limits(self, work: Work, prefix: str | None) -> None:
+        """Refuse (400) a request over one of the server's limits or beyond the model's positions."""
+        s = self.settings
+        if work.kind == "generate" and work.max_tokens > s.max_tokens_limit:
+            raise RequestError(
+                400, f"max_tokens={work.max_tokens} is above this server's limit of {s.max_tokens_limit}"
+            )
+        if work.rows > s.max_batch_size:
+            raise RequestError(
+                400,
+                f"this request needs {work.rows} batch rows (prompts x n when sampling); the limit is "
+                f"max_batch_size={s.max_batch_size}",
+            )
+        used = self._used(prefix)
+        for ids in work.prompts:
+            if len(ids) > s.max_prompt_tokens:
+                raise RequestError(
+                    400,
+                    f"the prompt has {len(ids)} tokens; the limit is {s.max_prompt_tokens}",
+                    code="context_length_exceeded",
+                )
+            need = len(ids) + used + (work.max_tokens if self.engine.task == "causal_lm" else 0)
+            if self.max_positions and need > self.max_positions:
+                raise RequestError(
+                    400,
+                    f"prompt ({len(ids)} tokens) + prefix ({used}) + max_tokens ({work.max_tokens}) = {need} "
+                    f"exceeds the model's {self.max_positions} positions",
+                    code="context_length_exceeded",
+                )
+
     # ------------------------------------------------------------------------------ requests and the folder
     def submit(self, work: Work, prefix: str | None) -> Transcript:
         """Check `work` against the limits and queue it; the transcript is where its results arrive."""
-        prompts.check(self, work, prefix)
+        self.check_limits(work, prefix)
         self.batcher.submit(work)
         return Transcript(work, self.engine.decode, self.settings.request_timeout_s)
 

@@ -1,0 +1,63 @@
+"""`PrefixServer`'s prompt encoding and limit checks, without HTTP: what a request is refused for, and why."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+import tiny  # noqa: E402
+import tinysaved  # noqa: E402
+
+from prefixtune.serving.errors import RequestError  # noqa: E402
+from prefixtune.serving.server import PrefixServer  # noqa: E402
+from prefixtune.serving.settings import Settings  # noqa: E402
+from prefixtune.serving.work import Sink, Work  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tok = tinysaved.tokenizer("decoder")
+    model = tiny.make("llama", vocab_size=len(tok), pad_token_id=0, eos_token_id=3, bos_token_id=2)
+    limits = Settings(max_batch_size=4, max_prompt_tokens=6, max_tokens_limit=10, reload_interval_s=None)
+    return PrefixServer(model, tok, "causal_lm", tmp_path_factory.mktemp("prefixes"), "tiny", limits)
+
+
+def work(server, prompts, **kw) -> Work:
+    return Work("generate", None, prompts, Sink(asyncio.new_event_loop(), 8), **kw)
+
+
+def refused(server, w: Work) -> str:
+    with pytest.raises(RequestError) as caught:
+        server.check_limits(w, None)
+    assert caught.value.status == 400
+    return str(caught.value)
+
+
+def test_prompts_become_token_ids_in_every_accepted_shape(server):
+    ids = server.encode("good movie")
+    assert ids == [server.tokenizer("good movie")["input_ids"]]
+    assert server.encode(["good", "bad film"]) == [*server.encode("good"), *server.encode("bad film")]
+    assert server.encode(ids[0]) == ids and server.encode(ids) == ids  # ids, and lists of ids, pass through
+    with pytest.raises(RequestError, match="the prompt is empty"):
+        server.encode([])
+    with pytest.raises(RequestError, match=r"token ids must be in \[0, "):
+        server.encode([[1, 10_000]])
+
+
+def test_each_limit_is_named_when_broken(server):
+    server.check_limits(work(server, [[4, 5, 6]], max_tokens=10), None)  # at every limit: accepted
+    assert "above this server's limit of 10" in refused(server, work(server, [[4]], max_tokens=11))
+    assert "needs 6 batch rows" in refused(server, work(server, [[4], [5]], n=3, temperature=1.0, max_tokens=2))
+    assert "the prompt has 7 tokens; the limit is 6" in refused(server, work(server, [[4] * 7], max_tokens=1))
+
+
+def test_the_model_positions_bound_prompt_plus_new_tokens(server):
+    server.max_positions, before = 12, server.max_positions
+    try:
+        assert "= 14 exceeds the model's 12 positions" in refused(server, work(server, [[4] * 6], max_tokens=8))
+        assert server.room([[4] * 6], None) == 6  # a chat request without max_tokens gets what still fits
+    finally:
+        server.max_positions = before
