@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import socket
 import threading
@@ -29,7 +28,7 @@ from prefixtune.errors import PrefixTuneError, first_line
 from prefixtune.serving.guards import BodyLimit, HeaderTimeoutH11Protocol
 from prefixtune.serving.routes import install_routes
 from prefixtune.serving.server import PrefixServer
-from prefixtune.serving.settings import Settings
+from prefixtune.serving.settings import UVICORN_FIELDS, Settings
 
 
 def load_base(name: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any, str]:
@@ -64,7 +63,8 @@ def create_app(
 
     `limits` are the fields of `Settings` (max_batch_size, max_wait_ms, max_body_bytes, max_upload_bytes,
     max_prompt_tokens, max_tokens_limit, admin_token, reload_interval_s, request_timeout_s,
-    body_timeout_s, send_timeout_s, max_queue), with its defaults. The app's worker thread starts with
+    body_timeout_s, send_timeout_s, max_queue, and the connection-level ones uvicorn reads), with
+    its defaults. The app's worker thread starts with
     the app's lifespan (uvicorn runs it). `reload_interval_s` None or 0 turns folder polling off (a
     request naming a new subfolder still loads it).
     """
@@ -96,19 +96,13 @@ def create_app(
     return app
 
 
-@dataclasses.dataclass
-class ServerOptions:
-    """How uvicorn serves the app: the connection-level limits `serve` and `running` share."""
-
-    timeout_keep_alive: int = 5
-    max_connections: int = 1024
-    log_level: str = "info"
-
-
 def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> uvicorn.Config:
     """The uvicorn settings `serve` uses: short keep-alive, header deadline, bounded connections.
-    `options` are the fields of `ServerOptions`."""
-    o = ServerOptions(**options)
+    `options` are the connection-level fields of `Settings` (`UVICORN_FIELDS`)."""
+    unknown = sorted(set(options) - set(UVICORN_FIELDS))
+    if unknown:
+        raise PrefixTuneError(f"unknown server option(s) {unknown}; uvicorn takes {', '.join(UVICORN_FIELDS)}")
+    o = Settings(**options)
     return uvicorn.Config(
         app,
         host=host,
@@ -149,9 +143,8 @@ def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, **options: Any
 def serve(
     model_path_or_name: str, prefixes_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, **options: Any
 ) -> None:
-    """Build the app and run it with uvicorn until interrupted. `options` are the fields of
-    `ServerOptions` (for uvicorn) and the keyword arguments of `create_app`."""
-    fields = {f.name for f in dataclasses.fields(ServerOptions)}
-    server_options = {k: options.pop(k) for k in list(options) if k in fields}
+    """Build the app and run it with uvicorn until interrupted. `options` are the keyword arguments
+    of `create_app`; the connection-level ones among its `Settings` also reach uvicorn."""
     app = create_app(model_path_or_name, prefixes_dir, **options)
-    uvicorn.Server(uvicorn_config(app, host, port, **server_options)).run()
+    connection = {k: options[k] for k in UVICORN_FIELDS if k in options}
+    uvicorn.Server(uvicorn_config(app, host, port, **connection)).run()

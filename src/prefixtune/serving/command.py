@@ -1,7 +1,7 @@
-"""The command line of the server: `prefixtune serve`, `python -m prefixtune.serving` (or `.server`).
+"""The command line of the server: `prefixtune serve` and `python -m prefixtune.serving`.
 
 `add_arguments` is shared by both entry points, so the two never drift apart; its defaults come from
-`Settings` and `ServerOptions`, which hold the one copy of each default.
+`Settings`, which holds the one copy of each default.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from prefixtune.errors import PrefixTuneError
-from prefixtune.serving.app import ServerOptions, serve
+from prefixtune.serving.app import serve
 from prefixtune.serving.settings import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `prefixtune serve` (shared with `python -m prefixtune.server`)."""
-    d, u = Settings(), ServerOptions()
+    """The options of `prefixtune serve` (shared with `python -m prefixtune.serving`)."""
+    d = Settings()
     a = parser.add_argument
     a("--model", required=True, help="base model: a folder, a hub name, or a built-in alias (smollm2, minilm)")
     a("--prefixes", required=True, help="folder with one subfolder per prefix (created if missing); watched")
@@ -57,13 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a(
         "--timeout-keep-alive",
         type=int,
-        default=u.timeout_keep_alive,
+        default=d.timeout_keep_alive,
         help="seconds an idle connection stays open (default: %(default)s)",
     )
     a("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     a("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     a("--threads", type=int, default=None, dest="num_threads", help="torch CPU threads")
-    a("--log-level", default=u.log_level, choices=["critical", "error", "warning", "info", "debug"])
+    a("--log-level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 

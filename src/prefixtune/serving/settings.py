@@ -1,4 +1,4 @@
-"""The limits of one server instance, and what a prefix may be called.
+"""The limits of one server instance (request, queue and connection), and what a prefix may be called.
 
 They live apart from the code that enforces them because every layer reads them: the body-size
 guard, the request checks, the batcher, the prefix folder and the command line's defaults.
@@ -29,3 +29,10 @@ class Settings:
     body_timeout_s: float = 30.0
     send_timeout_s: float = 30.0
     max_queue: int = 1024
+    # Connection level, read by uvicorn rather than by the app:
+    timeout_keep_alive: int = 5
+    max_connections: int = 1024
+    log_level: str = "info"
+
+
+UVICORN_FIELDS = ("timeout_keep_alive", "max_connections", "log_level")
