@@ -61,3 +61,13 @@ def test_the_model_positions_bound_prompt_plus_new_tokens(server):
         assert server.room([[4] * 6], None) == 6  # a chat request without max_tokens gets what still fits
     finally:
         server.max_positions = before
+
+
+def test_uvicorn_takes_only_the_connection_level_settings():
+    from prefixtune.errors import PrefixTuneError
+    from prefixtune.serving.app import uvicorn_config
+
+    config = uvicorn_config(None, timeout_keep_alive=2, log_level="warning")
+    assert config.timeout_keep_alive == 2 and config.limit_concurrency == 1024
+    with pytest.raises(PrefixTuneError, match=r"unknown server option\(s\) \['max_batch_size'\]"):
+        uvicorn_config(None, max_batch_size=3)
