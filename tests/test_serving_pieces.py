@@ -1,4 +1,4 @@
-"""`PrefixServer`'s prompt encoding and limit checks, without HTTP: what a request is refused for, and why."""
+"""The serving pieces without HTTP: prompt encoding and limits, streamed text, batch keys, the batch gatherer."""
 
 from __future__ import annotations
 
@@ -71,3 +71,51 @@ def test_uvicorn_takes_only_the_connection_level_settings():
     assert config.timeout_keep_alive == 2 and config.limit_concurrency == 1024
     with pytest.raises(PrefixTuneError, match=r"unknown server option\(s\) \['max_batch_size'\]"):
         uvicorn_config(None, max_batch_size=3)
+
+
+# ------------------------------------------------------------------------------ pure pieces of the worker
+def test_a_choice_holds_back_text_that_may_start_a_stop_string_or_end_mid_character():
+    from prefixtune.serving.transcript import ChoiceText
+
+    pieces = {1: "Hello", 2: " wor", 3: "ld", 4: " EN", 5: "D", 6: "\ufffd"}
+    choice = ChoiceText(lambda ids: "".join(pieces[i] for i in ids), stop=("END",))
+    sent = []
+    for token in (1, 2, 3, 4):
+        choice.ids.append(token)
+        sent.append(choice.delta())
+    assert sent == ["Hel", "lo w", "or", "ld "]  # the last 2 characters could begin "END": held back
+    choice.ids.append(5)
+    assert choice.delta() == "" and choice.text() == "Hello world "  # the stop string never appears
+    half = ChoiceText(lambda ids: "".join(pieces[i] for i in ids), stop=())
+    half.ids += [1, 6]
+    assert half.delta() == "Hello"  # an incomplete UTF-8 sequence waits for its next token
+    half.finish = "length"
+    assert half.delta() == "\ufffd"  # at the end, whatever is left goes out
+
+
+def test_requests_share_a_model_call_only_with_equal_keys():
+    def key(**kw):
+        return work(None, [[4]], **kw).key
+
+    assert key() == key(max_tokens=3) == key(top_p=0.5)  # greedy rows share, whatever else differs
+    assert key(temperature=0.7) == key(temperature=0.7, max_tokens=2) != key(temperature=0.9)
+    assert key(temperature=0.7, top_p=0.9) != key(temperature=0.7)
+    assert Work("classify", None, [[4]], None).key == ("classify",) != key()
+
+
+def test_the_batcher_gathers_what_fits_and_defers_the_rest_in_order():
+    from prefixtune.serving.batcher import Batcher, Job
+
+    batcher = Batcher(engine=None, max_batch_size=3, max_wait_ms=50)
+    one, two = work(None, [[4]]), work(None, [[5]])
+    big = work(None, [[6], [7], [8]])  # 3 rows: does not fit beside the first two
+    job = Job(lambda: None)
+    after = work(None, [[9]])
+    for item in (one, job, two, big, after):
+        batcher._queue.put(item)
+    batcher._waiting = 4
+    assert batcher._collect() == [one, two]  # the job met on the way waits until after the batch
+    assert batcher._collect() is job
+    assert batcher._collect() == [big]  # full: `after` stays queued for the next batch
+    assert batcher._collect() == [after]
+    assert batcher.pending() == 0 and batcher._collect() is None
