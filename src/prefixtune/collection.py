@@ -91,8 +91,8 @@ class PrefixCollection(nn.Module):
         if not groups:
             return kwargs, None
         member = groups[0][1]
-        kwargs = batching.join_prompts(kwargs, groups, member._embeddings(), member.prompt_position)
-        return kwargs, batching.build_state(member._slots, groups, len(prefixes))
+        kwargs = batching.join_prompts(kwargs, groups, member.get_input_embeddings(), member.prompt_position)
+        return kwargs, batching.build_state(member.slots, groups, len(prefixes))
 
     def forward(self, prefixes: Sequence[str | None], **kwargs: Any) -> Any:
         kwargs, state = self._prepared(prefixes, kwargs)

@@ -60,7 +60,7 @@ class PrefixModel(nn.Module):
         self.prefix_config = config
         self.layout = probe(base_model)
         self.task = _task_of(base_model, self.layout, config.task)
-        self._slots = modules_by_slot(base_model, self.layout)
+        self.slots = modules_by_slot(base_model, self.layout)  # attention module -> slot: what PrefixState keys on
         self.uses_kv = config.method == "prefix" or self.layout.is_causal
         offset = config.position_offset if config.position_offset is not None else self.layout.is_causal
         self.offset_positions = bool(offset) and self.uses_kv
@@ -185,7 +185,7 @@ class PrefixModel(nn.Module):
     # ------------------------------------------------------------------------------------ prefix values
     def _record_kv(self, inputs: torch.Tensor, embeds: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every slot's own keys/values on `inputs` (token ids, or embeddings with `embeds`)."""
-        state = attention.PrefixState(slots=self._slots, record={})
+        state = attention.PrefixState(slots=self.slots, record={})
         key = "inputs_embeds" if embeds else "input_ids"
         kwargs: dict[str, Any] = {key: inputs}
         model = self.base_model
@@ -196,9 +196,9 @@ class PrefixModel(nn.Module):
         grad = torch.enable_grad() if embeds and inputs.requires_grad else torch.no_grad()
         with grad, attention.activate(state):
             model(**kwargs)
-        if len(state.record) != len(self._slots):
+        if len(state.record) != len(self.slots):
             raise PrefixTuneError("recording the prefix activations missed some attention layers")
-        return [state.record[i][1:] for i in range(len(self._slots))]
+        return [state.record[i][1:] for i in range(len(self.slots))]
 
     def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per-slot `(keys, values)` for the current prefix, `[1, kv_heads, P, head_dim]` each."""
@@ -224,7 +224,7 @@ class PrefixModel(nn.Module):
         groups = [(None, self)]
         kwargs = batching.join_prompts(kwargs, groups, self._embeddings(), self.prompt_position)
         batch = next((v.shape[0] for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")), 1)
-        with attention.activate(batching.build_state(self._slots, groups, batch)):
+        with attention.activate(batching.build_state(self.slots, groups, batch)):
             yield kwargs
 
     @property
