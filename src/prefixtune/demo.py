@@ -51,6 +51,50 @@ def _fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _snippets(seed: int, train_samples: int, test_samples: int | None) -> tuple[list[dict], list[dict]]:
+    """A seeded sample of the bundled training split, and the whole test split (or its start)."""
+    from prefixtune.assets import load_builtin_dataset
+
+    if train_samples < 32:
+        raise PrefixTuneError(f"train_samples must be at least 32, got {train_samples}")
+    data = load_builtin_dataset("rotten_tomatoes", seed=0)
+    train_rows = list(data["train"])
+    random.Random(seed).shuffle(train_rows)
+    test_rows = list(data["test"])
+    return train_rows[:train_samples], test_rows[:test_samples] if test_samples else test_rows
+
+
+def _classify_with_reloaded(output_dir: str, tokenizer: Any) -> list[dict]:
+    """The saved prefix on a fresh copy of the model: what a user's next session does."""
+    from prefixtune import tasks
+    from prefixtune.model import PrefixModel
+
+    print(f"\n[3/3] reload the saved prefix from {output_dir} onto a fresh MiniLM and classify")
+    fresh, _, _ = tasks.load_model("minilm", "classification", 2, LABELS)
+    records = tasks.predict(PrefixModel.from_pretrained(fresh, output_dir), tokenizer, SENTENCES, LABELS, max_length=64)
+    for r in records:
+        print(f"      {r['label']:>8} ({r['score']:.2f})  {r['text']}")
+    return records
+
+
+def _print_result(metrics: dict, baseline: dict, trainable: int, steps: int, prefix_s: float, wall_s: float) -> None:
+    from prefixtune.run_log import summary_table
+
+    gain = f"{100 * (metrics['accuracy'] - baseline['accuracy']):+.1f}"
+    print("\nresult on the Rotten Tomatoes test split")
+    print(summary_table([
+        ("prefix tuning: test accuracy", metrics["accuracy"]),
+        ("prefix tuning: macro-F1", metrics["macro_f1"]),
+        ("prefix tuning: trained params", f"{trainable:,}"),
+        ("prefix tuning: steps / seconds", f"{steps} / {prefix_s:.0f}"),
+        ("head only: test accuracy", baseline["accuracy"]),
+        ("head only: macro-F1", baseline["macro_f1"]),
+        ("head only: trained params", f"{int(baseline['trainable']):,}"),
+        ("prefix minus head only (points)", gain),
+        ("wall time (s)", round(wall_s, 1)),
+    ]))  # fmt: skip
+
+
 def run_demo(
     output_dir: str = "prefixtune-demo",
     train_samples: int = TRAIN_SNIPPETS,
@@ -64,23 +108,15 @@ def run_demo(
 ) -> dict[str, Any]:
     """Train, compare, save, reload, classify; print everything and return the numbers."""
     from prefixtune import baselines, layer_cache, tasks
-    from prefixtune.assets import load_builtin_dataset
-    from prefixtune.model import PrefixModel, attach
-    from prefixtune.run_log import summary_table
+    from prefixtune.model import attach
     from prefixtune.train import TrainConfig, train
 
     wall = time.perf_counter()
-    if train_samples < 32:
-        raise PrefixTuneError(f"train_samples must be at least 32, got {train_samples}")
+    train_rows, test_rows = _snippets(seed, train_samples, test_samples)
     # A fixed thread count: float sums in another order round differently, and the figures must repeat.
     torch.set_num_threads(threads or torch.get_num_threads())
     bf16 = _fast_bf16()
     print("prefixtune demo: sentiment prefix on MiniLM (all-MiniLM-L6-v2, frozen) with Rotten Tomatoes snippets")
-    data = load_builtin_dataset("rotten_tomatoes", seed=0)
-    train_rows = list(data["train"])
-    random.Random(seed).shuffle(train_rows)
-    train_rows = train_rows[:train_samples]
-    test_rows = list(data["test"])[:test_samples] if test_samples else list(data["test"])
     torch.manual_seed(seed)  # the new classifier head is drawn while the model loads
     model, tokenizer, _ = tasks.load_model("minilm", "classification", 2, LABELS)
     layers = model.config.num_hidden_layers
@@ -112,32 +148,10 @@ def run_demo(
         result = train(prefix_model, tokenizer, train_rows, None, config, info=info)
         metrics = tasks.evaluate(prefix_model, tokenizer, test_rows, max_length=64, batch_size=128, bf16=bf16)
     prefix_seconds = time.perf_counter() - started
-
-    print(f"\n[3/3] reload the saved prefix from {output_dir} onto a fresh MiniLM and classify")
-    fresh, _, _ = tasks.load_model("minilm", "classification", 2, LABELS)
-    reloaded = PrefixModel.from_pretrained(fresh, output_dir)
-    records = tasks.predict(reloaded, tokenizer, SENTENCES, LABELS, max_length=64)
-    for r in records:
-        print(f"      {r['label']:>8} ({r['score']:.2f})  {r['text']}")
-
-    trainable = prefix_model.trainable_parameters()["trainable"]
+    records = _classify_with_reloaded(output_dir, tokenizer)
     seconds = time.perf_counter() - wall
-    print("\nresult on the Rotten Tomatoes test split")
-    print(
-        summary_table(
-            [
-                ("prefix tuning: test accuracy", metrics["accuracy"]),
-                ("prefix tuning: macro-F1", metrics["macro_f1"]),
-                ("prefix tuning: trained params", f"{trainable:,}"),
-                ("prefix tuning: steps / seconds", f"{result.steps} / {prefix_seconds:.0f}"),
-                ("head only: test accuracy", baseline["accuracy"]),
-                ("head only: macro-F1", baseline["macro_f1"]),
-                ("head only: trained params", f"{int(baseline['trainable']):,}"),
-                ("prefix minus head only (points)", f"{100 * (metrics['accuracy'] - baseline['accuracy']):+.1f}"),
-                ("wall time (s)", round(seconds, 1)),
-            ]
-        )
-    )
+    trainable = prefix_model.trainable_parameters()["trainable"]
+    _print_result(metrics, baseline, int(trainable), result.steps, prefix_seconds, seconds)
     if result.out_of_time:
         print(f"note: training hit the {GUARD_SECONDS:.0f} s guard after {result.steps} steps", file=sys.stderr)
     return {
