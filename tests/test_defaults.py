@@ -9,10 +9,10 @@ import pytest
 import tinysaved
 from test_train import CLS_ROWS, classifier
 
-from prefixtune import cli, defaults
+from prefixtune import cli
 from prefixtune.errors import PrefixTuneError
 from prefixtune.splits import hold_out
-from prefixtune.train import TrainConfig, train
+from prefixtune.train import TrainConfig, defaults, train
 
 
 # ------------------------------------------------------------------------------------ step budget

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prefixtune import attach, recipes, serialization, tasks
-from prefixtune.checkpoints import CHECKPOINTS, LATEST, TEST_PAUSE_ENV
 from prefixtune.errors import PrefixTuneError
 from prefixtune.options import VERB_OPTIONS
 from prefixtune.train import TrainConfig, train
+from prefixtune.train.checkpoints import CHECKPOINTS, LATEST, TEST_PAUSE_ENV
 
 ROWS = tinysaved.copy_rows(48)
 POISON = {"text": "the movie was POISON good", "target": "good"}  # POISON is [UNK] (id 1), in no other row

@@ -9,10 +9,11 @@ import pytest
 import tinysaved
 import torch
 
-from prefixtune import cli, defaults, run_log, search, tasks
+from prefixtune import cli, search, tasks
 from prefixtune import train as train_module
 from prefixtune.errors import PrefixTuneError
 from prefixtune.model import PrefixModel
+from prefixtune.train import defaults, loop, run_log
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def one_thread():
 @pytest.fixture
 def no_plots(monkeypatch):
     """curves.png and trials.png cost more than a tiny trial itself; only the outputs test draws them."""
-    for module in (train_module, run_log):
+    for module in (loop, run_log):
         monkeypatch.setattr(module, "plot_curves", lambda *a, **k: None, raising=False)
     monkeypatch.setattr(search, "_plot", lambda *a, **k: None)
 

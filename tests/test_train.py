@@ -10,9 +10,9 @@ import tinysaved
 import torch
 
 from prefixtune import attach, serialization
-from prefixtune.checkpoints import _flatten_optimizer, _unflatten_optimizer
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import OPTIMIZERS, TrainConfig, train
+from prefixtune.train.checkpoints import _flatten_optimizer, _unflatten_optimizer
 
 LM_ROWS = tinysaved.copy_rows(48)
 CLS_ROWS = [

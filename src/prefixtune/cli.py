@@ -132,7 +132,7 @@ def _prefix_config(opts: dict, seed: int) -> PrefixConfig:
 
 
 def _print_table(rows: Sequence[tuple[str, Any]], title: str | None = None) -> None:
-    from prefixtune.run_log import summary_table
+    from prefixtune.train.run_log import summary_table
 
     if title:
         print(title)

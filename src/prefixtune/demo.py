@@ -78,7 +78,7 @@ def _classify_with_reloaded(output_dir: str, tokenizer: Any) -> list[dict]:
 
 
 def _print_result(metrics: dict, baseline: dict, trainable: int, steps: int, prefix_s: float, wall_s: float) -> None:
-    from prefixtune.run_log import summary_table
+    from prefixtune.train.run_log import summary_table
 
     gain = f"{100 * (metrics['accuracy'] - baseline['accuracy']):+.1f}"
     print("\nresult on the Rotten Tomatoes test split")

@@ -25,10 +25,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from prefixtune import defaults, serialization
-from prefixtune.checkpoints import CHECKPOINTS
+from prefixtune import serialization
 from prefixtune.errors import PrefixTuneError
-from prefixtune.train import TrainConfig, better, metric_name
+from prefixtune.train import TrainConfig, better, defaults, metric_name
+from prefixtune.train.checkpoints import CHECKPOINTS
 
 # ------------------------------------------------------------------------------------- search space
 # Learning rate, log-uniform, by reparameterisation. P-tuning v2 tunes classification prefixes at
