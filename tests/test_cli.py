@@ -11,7 +11,8 @@ import sys
 import pytest
 import tinysaved
 
-from prefixtune import cli, options
+from prefixtune import cli
+from prefixtune.cli import options
 from prefixtune.errors import PrefixTuneError
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import tinysaved
 
-from prefixtune import cli, options, serialization
+from prefixtune import cli, serialization
+from prefixtune.cli import options
 from prefixtune.train import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -49,7 +50,7 @@ def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path
     """The README's main command, shrunk: real MiniLM and Rotten Tomatoes, 64 snippets each way, run twice."""
     import torch
 
-    from prefixtune.demo import SENTENCES, run_demo
+    from prefixtune.cli.demo import SENTENCES, run_demo
 
     threads = torch.get_num_threads()
     try:

@@ -17,9 +17,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefixtune import attach, recipes, serialization, tasks
+from prefixtune import attach, serialization, tasks
+from prefixtune.cli import recipes
+from prefixtune.cli.options import VERB_OPTIONS
 from prefixtune.errors import PrefixTuneError
-from prefixtune.options import VERB_OPTIONS
 from prefixtune.train import TrainConfig, train
 from prefixtune.train.checkpoints import CHECKPOINTS, LATEST, TEST_PAUSE_ENV
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prefixtune import demo, recipes
+from prefixtune.cli import demo, recipes
 from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import TrainConfig

@@ -1,7 +1,8 @@
 """`prefixtune`: train, evaluate, predict, generate, demo and info from the command line.
 
 Every verb is also a Python function here (`train(**options)`, `evaluate(...)`, ...) taking the
-same option names as the flags, with underscores (declared in `options.py`). Options can also come
+same option names as the flags, with underscores (declared in `options.py`; data files and
+splits are read in `data.py`, recipes in `recipes.py`, and the demo is `demo.py`). Options can also come
 from a YAML/JSON recipe (`--recipe`); flags given on the command line win. Mistakes print one
 `error: ...` line and exit 2.
 """
@@ -18,106 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from prefixtune import serialization
+from prefixtune.cli.data import load_data, load_training_data
+from prefixtune.cli.options import RECIPE, VERB_HELP, VERB_OPTIONS, Option, resolve_options
 from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
-from prefixtune.options import RECIPE, VERB_HELP, VERB_OPTIONS, Option, resolve_options
 from prefixtune.train import TrainConfig, TrainResult, evaluate_rows
 from prefixtune.train import train as train_prefix
-
-
-# -------------------------------------------------------------------------------------------- data
-def _limit(rows: list[dict], n: int | None) -> list[dict]:
-    return rows[:n] if n else rows
-
-
-def _file_rows(path: str, opts: dict, generation: bool) -> list[dict]:
-    from prefixtune.data import read_table
-
-    label = None if generation else opts["label_column"]
-    target = opts["target_column"] if generation else None
-    return read_table(path, opts["text_column"], label, target, opts.get("group_column"))
-
-
-def _hub_rows(opts: dict, generation: bool) -> dict[str, list[dict]]:
-    from prefixtune.data import load_hub_dataset
-
-    raw = load_hub_dataset(opts["hub_dataset"], opts["hub_config"])
-    wanted = {"text": opts["text_column"]}
-    wanted.update({"target": opts["target_column"]} if generation else {"label": opts["label_column"]})
-    if opts.get("group_column"):
-        wanted["group"] = opts["group_column"]
-    splits = {}
-    for split, records in raw.items():
-        rows = []
-        for i, rec in enumerate(records):
-            missing = [c for c in wanted.values() if c not in rec]
-            if missing:
-                raise PrefixTuneError(
-                    f"hub data set {opts['hub_dataset']!r} split {split!r} row {i} has no column(s) {missing}; "
-                    f"columns present: {', '.join(rec)}"
-                )
-            rows.append({k: rec[c] for k, c in wanted.items()})
-        splits["validation" if split in ("validation", "valid", "dev") else split] = rows
-    return splits
-
-
-def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[str, list[dict]], list[str] | None]:
-    """`({split: rows}, label_names)` from a bundled data set, local files or the hub; labels as indices."""
-    from prefixtune.assets import load_builtin_dataset
-    from prefixtune.data import encode_labels
-
-    sources = [k for k in ("dataset", "hub_dataset") if opts.get(k)]
-    files = {s: opts.get(f"{s}_file") for s in ("train", "validation", "test") if opts.get(f"{s}_file")}
-    if len(sources) + bool(files) != 1:
-        raise PrefixTuneError("give exactly one data source: --dataset, --hub-dataset, or --train-file/--test-file")
-    generation = opts.get("target_column") is not None or opts.get("task") in ("causal_lm", "seq2seq_lm")
-    if opts.get("dataset"):
-        ds = load_builtin_dataset(opts["dataset"], seed=opts.get("data_seed") or 0)
-        splits = {k: list(v) for k, v in ds.splits.items()}
-        names = ds.label_names
-        if label_names is not None and names is not None and list(label_names) != list(names):
-            raise PrefixTuneError(f"the prefix was trained on labels {label_names}, {opts['dataset']} has {names}")
-    else:
-        if generation and opts.get("target_column") is None:
-            raise PrefixTuneError("generation data needs --target-column (the column holding the target text)")
-        if opts.get("hub_dataset"):
-            splits = _hub_rows(opts, generation)
-        else:
-            splits = {s: _file_rows(p, opts, generation) for s, p in files.items()}
-        names = label_names
-        if not generation:
-            first = splits.get("train") or next(iter(splits.values()))
-            _, names = encode_labels(first, label_names)
-            for rows in splits.values():
-                indices, _ = encode_labels(rows, names)
-                for row, k in zip(rows, indices, strict=True):
-                    row["label"] = k
-    limit_train, limit_eval = opts.get("max_train_samples"), opts.get("max_eval_samples")
-    splits = {s: _limit(rows, limit_train if s == "train" else limit_eval) for s, rows in splits.items()}
-    for split, rows in splits.items():
-        if not rows:
-            raise PrefixTuneError(f"the {split} split is empty (no rows)")
-    return splits, names
-
-
-def load_training_data(opts: dict) -> tuple[dict[str, list[dict]], list[str] | None]:
-    """`load_data`, plus a seeded validation part held out of the training rows when none was given."""
-    from prefixtune.splits import hold_out
-
-    splits, label_names = load_data(opts)
-    if "train" not in splits:
-        raise PrefixTuneError("no training data: give --train-file, or a --dataset/--hub-dataset with a train split")
-    if "validation" not in splits:
-        group = "group" if opts.get("group_column") else None
-        fraction, seed = opts["validation_fraction"], opts.get("data_seed") or 0
-        splits["train"], splits["validation"] = hold_out(splits["train"], seed, fraction, group)
-        grouped = f", whole {opts['group_column']!r} groups" if group else ""
-        print(
-            f"note: no validation data given; held out {len(splits['validation'])} of the training rows "
-            f"({fraction:.0%}, seed {seed}{grouped}) to stop early and keep the best prefix",
-            file=sys.stderr,
-        )
-    return splits, label_names
 
 
 # -------------------------------------------------------------------------------------------- verbs
@@ -378,8 +285,8 @@ def _print_info(report: dict) -> None:
 
 
 def demo(**options: Any) -> dict:
-    """The README's main command: see `prefixtune.demo`."""
-    from prefixtune.demo import run_demo
+    """The README's main command: see `prefixtune.cli.demo`."""
+    from prefixtune.cli.demo import run_demo
 
     opts = resolve_options("demo", options)
     return run_demo(**opts)
@@ -491,7 +398,3 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The CLI's data: a bundled, hub or file data set as splits of rows, each option naming a column or a cap.
+
+Every verb that reads data goes through `load_data`; training also holds out validation rows when
+none were given (`load_training_data`), and says so.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefixtune.errors import PrefixTuneError
+
+
+def _limit(rows: list[dict], n: int | None) -> list[dict]:
+    return rows[:n] if n else rows
+
+
+def _file_rows(path: str, opts: dict, generation: bool) -> list[dict]:
+    from prefixtune.data import read_table
+
+    label = None if generation else opts["label_column"]
+    target = opts["target_column"] if generation else None
+    return read_table(path, opts["text_column"], label, target, opts.get("group_column"))
+
+
+def _hub_rows(opts: dict, generation: bool) -> dict[str, list[dict]]:
+    from prefixtune.data import load_hub_dataset
+
+    raw = load_hub_dataset(opts["hub_dataset"], opts["hub_config"])
+    wanted = {"text": opts["text_column"]}
+    wanted.update({"target": opts["target_column"]} if generation else {"label": opts["label_column"]})
+    if opts.get("group_column"):
+        wanted["group"] = opts["group_column"]
+    splits = {}
+    for split, records in raw.items():
+        rows = []
+        for i, rec in enumerate(records):
+            missing = [c for c in wanted.values() if c not in rec]
+            if missing:
+                raise PrefixTuneError(
+                    f"hub data set {opts['hub_dataset']!r} split {split!r} row {i} has no column(s) {missing}; "
+                    f"columns present: {', '.join(rec)}"
+                )
+            rows.append({k: rec[c] for k, c in wanted.items()})
+        splits["validation" if split in ("validation", "valid", "dev") else split] = rows
+    return splits
+
+
+def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[str, list[dict]], list[str] | None]:
+    """`({split: rows}, label_names)` from a bundled data set, local files or the hub; labels as indices."""
+    from prefixtune.assets import load_builtin_dataset
+    from prefixtune.data import encode_labels
+
+    sources = [k for k in ("dataset", "hub_dataset") if opts.get(k)]
+    files = {s: opts.get(f"{s}_file") for s in ("train", "validation", "test") if opts.get(f"{s}_file")}
+    if len(sources) + bool(files) != 1:
+        raise PrefixTuneError("give exactly one data source: --dataset, --hub-dataset, or --train-file/--test-file")
+    generation = opts.get("target_column") is not None or opts.get("task") in ("causal_lm", "seq2seq_lm")
+    if opts.get("dataset"):
+        ds = load_builtin_dataset(opts["dataset"], seed=opts.get("data_seed") or 0)
+        splits = {k: list(v) for k, v in ds.splits.items()}
+        names = ds.label_names
+        if label_names is not None and names is not None and list(label_names) != list(names):
+            raise PrefixTuneError(f"the prefix was trained on labels {label_names}, {opts['dataset']} has {names}")
+    else:
+        if generation and opts.get("target_column") is None:
+            raise PrefixTuneError("generation data needs --target-column (the column holding the target text)")
+        if opts.get("hub_dataset"):
+            splits = _hub_rows(opts, generation)
+        else:
+            splits = {s: _file_rows(p, opts, generation) for s, p in files.items()}
+        names = label_names
+        if not generation:
+            first = splits.get("train") or next(iter(splits.values()))
+            _, names = encode_labels(first, label_names)
+            for rows in splits.values():
+                indices, _ = encode_labels(rows, names)
+                for row, k in zip(rows, indices, strict=True):
+                    row["label"] = k
+    limit_train, limit_eval = opts.get("max_train_samples"), opts.get("max_eval_samples")
+    splits = {s: _limit(rows, limit_train if s == "train" else limit_eval) for s, rows in splits.items()}
+    for split, rows in splits.items():
+        if not rows:
+            raise PrefixTuneError(f"the {split} split is empty (no rows)")
+    return splits, names
+
+
+def load_training_data(opts: dict) -> tuple[dict[str, list[dict]], list[str] | None]:
+    """`load_data`, plus a seeded validation part held out of the training rows when none was given."""
+    from prefixtune.splits import hold_out
+
+    splits, label_names = load_data(opts)
+    if "train" not in splits:
+        raise PrefixTuneError("no training data: give --train-file, or a --dataset/--hub-dataset with a train split")
+    if "validation" not in splits:
+        group = "group" if opts.get("group_column") else None
+        fraction, seed = opts["validation_fraction"], opts.get("data_seed") or 0
+        splits["train"], splits["validation"] = hold_out(splits["train"], seed, fraction, group)
+        grouped = f", whole {opts['group_column']!r} groups" if group else ""
+        print(
+            f"note: no validation data given; held out {len(splits['validation'])} of the training rows "
+            f"({fraction:.0%}, seed {seed}{grouped}) to stop early and keep the best prefix",
+            file=sys.stderr,
+        )
+    return splits, label_names
+
+
