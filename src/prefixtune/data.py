@@ -303,6 +303,34 @@ def tokenize_with_budget(
     - seq2seq: encoder inputs cut to the budget; ``labels`` are the tokenized targets, cut to
       ``max_target_length`` (default: the same budget, since the decoder also carries a prefix).
     """
+    texts, targets = _checked(texts, targets, labels, mode)
+    budget = _budget(max_length, prefix_tokens)
+
+    def warn(n_cut: int, n_budget: int, where: str = "") -> None:
+        _warn_truncated(n_cut, len(texts), n_budget, max_length, prefix_tokens, where)
+
+    if mode == "classification":
+        enc, n_cut = _tokenize_truncated(tokenizer, texts, budget)
+        if labels is not None:
+            enc["labels"] = [int(x) for x in labels]
+        warn(n_cut, budget)
+        return enc
+    if mode == "seq2seq":
+        enc, n_cut = _tokenize_truncated(tokenizer, texts, budget)
+        if targets is not None:
+            t_budget = max_target_length or budget
+            enc["labels"], t_cut = _seq2seq_targets(tokenizer, targets, t_budget)
+            warn(t_cut, t_budget, " on the target side")
+        warn(n_cut, budget)
+        return enc
+    enc, n_cut = _causal_lm(tokenizer, texts, targets, budget)
+    warn(n_cut, budget)
+    return enc
+
+
+def _checked(
+    texts: Sequence[str], targets: Sequence[str] | None, labels: Sequence[int] | None, mode: str
+) -> tuple[list[str], list[str] | None]:
     texts = list(texts)
     if mode not in ("classification", "causal_lm", "seq2seq"):
         raise PrefixTuneError(f"unknown mode {mode!r}; expected 'classification', 'causal_lm' or 'seq2seq'")
@@ -315,33 +343,22 @@ def tokenize_with_budget(
             raise PrefixTuneError(f"got {len(texts)} texts but {len(targets)} targets")
     if labels is not None and len(labels) != len(texts):
         raise PrefixTuneError(f"got {len(texts)} texts but {len(labels)} labels")
-    budget = _budget(max_length, prefix_tokens)
+    return texts, targets
 
-    if mode == "classification":
-        enc, n_cut = _tokenize_truncated(tokenizer, texts, budget)
-        if labels is not None:
-            enc["labels"] = [int(x) for x in labels]
-        _warn_truncated(n_cut, len(texts), budget, max_length, prefix_tokens, "")
-        return enc
 
-    if mode == "seq2seq":
-        enc, n_cut = _tokenize_truncated(tokenizer, texts, budget)
-        if targets is not None:
-            t_budget = max_target_length or budget
-            tgt = tokenizer(text_target=targets, truncation=False, verbose=False)["input_ids"]
-            long_t = [i for i, ids in enumerate(tgt) if len(ids) > t_budget]
-            if long_t:
-                cut = tokenizer(text_target=[targets[i] for i in long_t], truncation=True, max_length=t_budget)[
-                    "input_ids"
-                ]
-                for j, i in enumerate(long_t):
-                    tgt[i] = cut[j]
-            enc["labels"] = [list(ids) for ids in tgt]
-            _warn_truncated(len(long_t), len(texts), t_budget, max_length, prefix_tokens, " on the target side")
-        _warn_truncated(n_cut, len(texts), budget, max_length, prefix_tokens, "")
-        return enc
+def _seq2seq_targets(tokenizer: Any, targets: list[str], budget: int) -> tuple[list[list[int]], int]:
+    """Decoder labels cut to `budget`, and how many had to be cut."""
+    tgt = tokenizer(text_target=targets, truncation=False, verbose=False)["input_ids"]
+    long_t = [i for i, ids in enumerate(tgt) if len(ids) > budget]
+    if long_t:
+        cut = tokenizer(text_target=[targets[i] for i in long_t], truncation=True, max_length=budget)["input_ids"]
+        for j, i in enumerate(long_t):
+            tgt[i] = cut[j]
+    return [list(ids) for ids in tgt], len(long_t)
 
-    # causal_lm
+
+def _causal_lm(tokenizer: Any, texts: list[str], targets: list[str] | None, budget: int) -> tuple[dict, int]:
+    """Prompt + target + eos per row, the prompt cut from the left (a leading BOS kept longest)."""
     eos = tokenizer.eos_token_id
     if targets is not None and eos is None:
         raise PrefixTuneError("causal_lm targets need a tokenizer with an eos token")
@@ -375,8 +392,8 @@ def tokenize_with_budget(
             out_labels.append(list(ids))
         else:
             out_labels.append([IGNORE_INDEX] * (len(lead) + len(body)) + target)
-    _warn_truncated(n_cut, len(texts), budget, max_length, prefix_tokens, "")
-    return {"input_ids": out_ids, "attention_mask": [[1] * len(x) for x in out_ids], "labels": out_labels}
+    enc = {"input_ids": out_ids, "attention_mask": [[1] * len(x) for x in out_ids], "labels": out_labels}
+    return enc, n_cut
 
 
 def to_examples(encoding: dict[str, list]) -> list[dict[str, Any]]:
