@@ -410,6 +410,8 @@ def _defaults(r: dict) -> str:
         rows, line = [], []
         grid = got.get("grid") or []
         best = max(grid, key=lambda g: g["validation_accuracy"]) if grid else None
+        partial = len(grid) < len(grid_points())
+        best_mark = " (best so far)" if partial else " (best)"
         if got.get("defaults"):
             d = got["defaults"]
             rows.append(
@@ -426,7 +428,7 @@ def _defaults(r: dict) -> str:
         for g in sorted(grid, key=lambda g: -g["validation_accuracy"]):
             rows.append(
                 [
-                    f"grid{' (best)' if g is best else ''}",
+                    f"grid{best_mark if g is best else ''}",
                     f"{g['learning_rate']:g}",
                     g["num_virtual_tokens"],
                     f"{g['epochs']} epochs",
@@ -466,7 +468,6 @@ def _defaults(r: dict) -> str:
                 )
                 + "."
             )
-        partial = len(grid) < len(grid_points())
         if grid and partial:
             line.append(
                 f"The grid is partial ({len(grid)} of {len(grid_points())} points, the shortest runs first), "
