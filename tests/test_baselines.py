@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import tiny
-import tinysaved
 import torch
 
 from prefixtune import attach, baselines
@@ -14,14 +13,14 @@ from prefixtune.errors import PrefixTuneError
 from prefixtune.pooling import masked_mean
 
 # The label is decided by one sentiment word among four filler words.
-ROWS = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in tinysaved.sentiment_rows(200)]
+ROWS = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in tiny.sentiment_rows(200)]
 TRAIN, EVAL = ROWS[:150], ROWS[150:]
 IDS = {"encoder": {"pad_token_id": 0}, "decoder": {"pad_token_id": 0, "eos_token_id": 3, "bos_token_id": 2}}
 
 
 def prefixed(family: str = "bert", pooling: str = "model"):
     kind = "decoder" if tiny.kind(family) == "decoder" else "encoder"
-    tok = tinysaved.tokenizer(kind)
+    tok = tiny.tokenizer(kind)
     base = tiny.make(family, task="classification", vocab_size=len(tok), **IDS[kind])
     return attach(base, num_virtual_tokens=3, pooling=pooling), tok
 
@@ -117,7 +116,7 @@ def test_head_only_refuses_bad_rows_and_models():
 
 
 def test_head_only_names_a_head_it_cannot_train():
-    tok = tinysaved.tokenizer("encoder")
+    tok = tiny.tokenizer("encoder")
     base = tiny.make("bert", task="classification", vocab_size=len(tok))
     model = attach(base, num_virtual_tokens=2, head_modules=["classifier", "dropout"])
     with pytest.raises(PrefixTuneError, match=r"heads \['classifier', 'dropout'\] together; supported: one head"):
@@ -136,7 +135,7 @@ class LastTokenHead(torch.nn.Module):
 
 
 def test_head_only_refuses_a_head_whose_logits_its_features_do_not_explain():
-    tok = tinysaved.tokenizer("encoder")
+    tok = tiny.tokenizer("encoder")
     base = tiny.make("roberta", task="classification", vocab_size=len(tok), pad_token_id=0)
     base.classifier = LastTokenHead()
     model = attach(base, num_virtual_tokens=2)
@@ -174,14 +173,12 @@ def test_tfidf_without_scikit_learn_says_how_to_install_it(monkeypatch):
 def test_cli_train_reports_the_baselines_beside_the_prefix_in_the_table_and_test_metrics(tmp_path, capsys):
     import json
 
-    import tinysaved
-
     from prefixtune import cli
 
-    bert = tinysaved.save("bert", tmp_path / "bert", task="classification")
+    bert = tiny.save("bert", tmp_path / "bert", task="classification")
     files = {}
     for split, (n, seed) in {"train": (48, 0), "validation": (12, 1), "test": (16, 2)}.items():
-        files[split] = tinysaved.write_jsonl(tmp_path / f"{split}.jsonl", tinysaved.sentiment_rows(n, seed=seed))
+        files[split] = tiny.write_jsonl(tmp_path / f"{split}.jsonl", tiny.sentiment_rows(n, seed=seed))
     out = tmp_path / "out"
     argv = ["train", "--model", bert, "--train-file", files["train"], "--validation-file", files["validation"],
             "--test-file", files["test"], "--output-dir", out, "--max-steps", "4", "--no-progress",

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-import tinysaved
+import tiny
 
 from prefixtune import cli
 from prefixtune.cli import options
@@ -21,13 +21,13 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     return {
         "root": root,
-        "bert": tinysaved.save("bert", root / "bert", task="classification"),
-        "gpt2": tinysaved.save("gpt2", root / "gpt2"),
-        "bart": tinysaved.save("bart", root / "bart"),
-        "train": tinysaved.write_jsonl(root / "train.jsonl", tinysaved.sentiment_rows(48)),
-        "val": tinysaved.write_jsonl(root / "val.jsonl", tinysaved.sentiment_rows(12, seed=1)),
-        "gtrain": tinysaved.write_jsonl(root / "gtrain.jsonl", tinysaved.copy_rows(32)),
-        "gval": tinysaved.write_jsonl(root / "gval.jsonl", tinysaved.copy_rows(8, seed=1)),
+        "bert": tiny.save("bert", root / "bert", task="classification"),
+        "gpt2": tiny.save("gpt2", root / "gpt2"),
+        "bart": tiny.save("bart", root / "bart"),
+        "train": tiny.write_jsonl(root / "train.jsonl", tiny.sentiment_rows(48)),
+        "val": tiny.write_jsonl(root / "val.jsonl", tiny.sentiment_rows(12, seed=1)),
+        "gtrain": tiny.write_jsonl(root / "gtrain.jsonl", tiny.copy_rows(32)),
+        "gval": tiny.write_jsonl(root / "gval.jsonl", tiny.copy_rows(8, seed=1)),
     }
 
 
@@ -196,7 +196,7 @@ def test_help_texts_come_from_the_dataclasses(capsys):
 def bad_input_cases(root, assets):
     (root / "cols.csv").write_text("sentence,label\ngood,pos\n")
     (root / "empty.csv").write_text("text,label\n")
-    tinysaved.write_jsonl(root / "unknown.jsonl", [{"text": "good", "label": "neutral"}])
+    tiny.write_jsonl(root / "unknown.jsonl", [{"text": "good", "label": "neutral"}])
     (root / "latin1.csv").write_bytes(b"text,label\ngood,pos\ncaf\xe9 bad,neg\n")
     (root / "recipe.yaml").write_text("learning_rat: 0.1\nepochs: 1\n")
     (root / "badvalue.yaml").write_text("warmup_ratio: lots\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import tinysaved
+import tiny
 from test_train import CLS_ROWS, classifier
 
 from prefixtune import cli
@@ -92,9 +92,9 @@ def test_hold_out_refuses_what_cannot_be_split():
 
 
 def test_cli_without_validation_file_holds_out_whole_groups_and_says_so(tmp_path, capsys, monkeypatch):
-    bert = tinysaved.save("bert", tmp_path / "bert", task="classification")
-    rows = [dict(r, author=f"a{i % 12}") for i, r in enumerate(tinysaved.sentiment_rows(60))]
-    data = tinysaved.write_jsonl(tmp_path / "train.jsonl", rows)
+    bert = tiny.save("bert", tmp_path / "bert", task="classification")
+    rows = [dict(r, author=f"a{i % 12}") for i, r in enumerate(tiny.sentiment_rows(60))]
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", rows)
     seen: list[list[dict]] = []
     from prefixtune import train as train_module
 

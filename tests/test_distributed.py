@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import tinysaved
+import tiny
 import torch
 from safetensors.torch import load_file
 
@@ -22,12 +22,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "cpu_
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    model = Path(tinysaved.save("bert", root / "bert", task="classification"))
+    model = Path(tiny.save("bert", root / "bert", task="classification"))
     config = json.loads((model / "config.json").read_text())  # no dropout: ranks draw different masks
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (model / "config.json").write_text(json.dumps(config))
     data = root / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in tinysaved.sentiment_rows(32)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny.sentiment_rows(32)))
     return root, model, data
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import tinysaved
+import tiny
 
 from prefixtune import cli, serialization
 from prefixtune.cli import options
@@ -19,7 +19,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def test_seed_trainer_script_trains_and_saves_a_prefix(tmp_path):
     """The seed article's script on the real Rotten Tomatoes data, with a tiny BERT and a few steps."""
-    model = tinysaved.save("bert", tmp_path / "bert", task="classification")
+    model = tiny.save("bert", tmp_path / "bert", task="classification")
     env = {**os.environ, "SEED_MODEL": model, "SEED_STEPS": "4", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / "seed_trainer.py")],

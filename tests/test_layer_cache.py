@@ -6,21 +6,20 @@ import contextlib
 
 import pytest
 import tiny
-import tinysaved
 import torch
 
 from prefixtune import attach, layer_cache, tasks
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import TrainConfig, train
 
-ROWS = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in tinysaved.sentiment_rows(40)]
+ROWS = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in tiny.sentiment_rows(40)]
 IDS = {"encoder": {"pad_token_id": 0}, "decoder": {"pad_token_id": 0, "eos_token_id": 3, "bos_token_id": 2}}
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
 def prefixed(family: str, layers: list[int] | None = (2, 3), **overrides):
     kind = "decoder" if tiny.kind(family) == "decoder" else "encoder"
-    tok = tinysaved.tokenizer(kind)
+    tok = tiny.tokenizer(kind)
     base = tiny.make(family, task="classification", vocab_size=len(tok), num_hidden_layers=4, **IDS[kind], **overrides)
     return attach(base, num_virtual_tokens=3, layers=None if layers is None else list(layers), seed=1), tok
 
@@ -97,7 +96,7 @@ def test_the_cache_holds_rows_only_as_long_as_their_real_tokens():
 )
 def test_what_it_cannot_cache_is_refused_by_name(family, layers, message):
     if family == "t5":
-        tok = tinysaved.tokenizer("seq2seq")
+        tok = tiny.tokenizer("seq2seq")
         base = tiny.make("t5", vocab_size=len(tok), pad_token_id=0, decoder_start_token_id=0)
         model = attach(base, num_virtual_tokens=2, layers=list(layers))
     else:

@@ -79,12 +79,11 @@ def test_unknown_config_values_are_refused(change, tmp_path):
 
 
 def test_convert_verb_both_ways(tmp_path):
-    import tinysaved
     from transformers import AutoModelForCausalLM
 
     from prefixtune import PrefixModel, cli
 
-    folder = tinysaved.save("llama", tmp_path / "llama")
+    folder = tiny.save("llama", tmp_path / "llama")
     theirs = peft.get_peft_model(
         AutoModelForCausalLM.from_pretrained(folder),
         peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import tiny
-import tinysaved
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,13 +23,13 @@ from prefixtune.errors import PrefixTuneError
 from prefixtune.train import TrainConfig, train
 from prefixtune.train.checkpoints import CHECKPOINTS, LATEST, TEST_PAUSE_ENV
 
-ROWS = tinysaved.copy_rows(48)
+ROWS = tiny.copy_rows(48)
 POISON = {"text": "the movie was POISON good", "target": "good"}  # POISON is [UNK] (id 1), in no other row
 UNK = 1
 
 
 def lm(seed: int = 0):
-    tok = tinysaved.tokenizer("decoder")
+    tok = tiny.tokenizer("decoder")
     model = tiny.make("gpt2", vocab_size=len(tok), pad_token_id=0, eos_token_id=3, bos_token_id=2)
     return attach(model, num_virtual_tokens=4, seed=seed), tok
 
@@ -168,9 +167,9 @@ def _files_are_whole(root: Path) -> None:
 
 
 def test_sigkill_during_checkpoint_save_then_resume_gives_the_same_prefix(tmp_path):
-    model_dir = tinysaved.save("bert", tmp_path / "bert", task="classification")
+    model_dir = tiny.save("bert", tmp_path / "bert", task="classification")
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in tinysaved.sentiment_rows(40)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny.sentiment_rows(40)))
 
     def argv(out: str, *extra: str) -> list[str]:
         command = [sys.executable, "-m", "prefixtune.cli", "train", "--model", model_dir, "--train-file", str(data)]
@@ -218,7 +217,7 @@ def test_sigkill_during_checkpoint_save_then_resume_gives_the_same_prefix(tmp_pa
 # ---------------------------------------------------------------------------------- remote code
 @pytest.fixture(scope="module")
 def saved_gpt2(tmp_path_factory):
-    return tinysaved.save("gpt2", tmp_path_factory.mktemp("gpt2") / "model")
+    return tiny.save("gpt2", tmp_path_factory.mktemp("gpt2") / "model")
 
 
 def test_loading_never_asks_for_remote_code(saved_gpt2, monkeypatch):

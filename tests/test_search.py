@@ -6,7 +6,7 @@ import json
 
 import optuna
 import pytest
-import tinysaved
+import tiny
 import torch
 
 from prefixtune import cli, search, tasks
@@ -21,10 +21,10 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
     test_rows = [{"text": f"testmarker{i} good", "label": "pos" if i % 2 else "neg"} for i in range(6)]
     return {
-        "bert": tinysaved.save("bert", root / "bert", task="classification"),
-        "train": tinysaved.write_jsonl(root / "train.jsonl", tinysaved.sentiment_rows(32)),
-        "val": tinysaved.write_jsonl(root / "val.jsonl", tinysaved.sentiment_rows(8, seed=1)),
-        "test": tinysaved.write_jsonl(root / "test.jsonl", test_rows),
+        "bert": tiny.save("bert", root / "bert", task="classification"),
+        "train": tiny.write_jsonl(root / "train.jsonl", tiny.sentiment_rows(32)),
+        "val": tiny.write_jsonl(root / "val.jsonl", tiny.sentiment_rows(8, seed=1)),
+        "test": tiny.write_jsonl(root / "test.jsonl", test_rows),
     }
 
 

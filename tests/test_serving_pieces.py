@@ -9,7 +9,6 @@ import pytest
 pytest.importorskip("fastapi")
 
 import tiny  # noqa: E402
-import tinysaved  # noqa: E402
 
 from prefixtune.serving.errors import RequestError  # noqa: E402
 from prefixtune.serving.server import PrefixServer  # noqa: E402
@@ -19,7 +18,7 @@ from prefixtune.serving.work import Sink, Work  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tok = tinysaved.tokenizer("decoder")
+    tok = tiny.tokenizer("decoder")
     model = tiny.make("llama", vocab_size=len(tok), pad_token_id=0, eos_token_id=3, bos_token_id=2)
     limits = Settings(max_batch_size=4, max_prompt_tokens=6, max_tokens_limit=10, reload_interval_s=None)
     return PrefixServer(model, tok, "causal_lm", tmp_path_factory.mktemp("prefixes"), "tiny", limits)

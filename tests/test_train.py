@@ -6,7 +6,6 @@ import json
 
 import pytest
 import tiny
-import tinysaved
 import torch
 
 from prefixtune import attach, serialization
@@ -14,22 +13,22 @@ from prefixtune.errors import PrefixTuneError
 from prefixtune.train import OPTIMIZERS, TrainConfig, train
 from prefixtune.train.checkpoints import _flatten_optimizer, _unflatten_optimizer
 
-LM_ROWS = tinysaved.copy_rows(48)
+LM_ROWS = tiny.copy_rows(48)
 CLS_ROWS = [
     {"text": r["text"], "label": int(r["label"] == "pos") + (i % 3 == 0)}
-    for i, r in enumerate(tinysaved.sentiment_rows(40))
+    for i, r in enumerate(tiny.sentiment_rows(40))
 ]
 
 
 def lm(seed: int = 0, **prefix):
-    tok = tinysaved.tokenizer("decoder")
+    tok = tiny.tokenizer("decoder")
     model = tiny.make("gpt2", vocab_size=len(tok), pad_token_id=0, eos_token_id=3, bos_token_id=2)
     prefix.setdefault("num_virtual_tokens", 4)
     return attach(model, seed=seed, **prefix), tok
 
 
 def classifier(seed: int = 0):
-    tok = tinysaved.tokenizer("encoder")
+    tok = tiny.tokenizer("encoder")
     model = tiny.make("bert", task="classification", vocab_size=len(tok))
     return attach(model, num_virtual_tokens=3, seed=seed), tok
 
