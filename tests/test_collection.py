@@ -13,7 +13,7 @@ SPECS = {
     "short": {"method": "prefix", "num_virtual_tokens": 2, "seed": 1},
     "long": {"method": "prefix", "num_virtual_tokens": 5, "seed": 2, "reparam": "mlp"},
     "prompt": {"method": "prompt", "num_virtual_tokens": 3, "init": "random", "seed": 3},
-    "words": {"method": "text", "text": "great!"},
+    "words": {"method": "text", "text": "great film"},
 }
 ROWS = ["short", None, "long", "prompt", "words", "short"]
 
@@ -29,7 +29,7 @@ def collection(family: str, task: str | None = None, layers_for_short: bool = Fa
             spec["layers"] = [1]
         if name in ("long", "prompt") and task == "classification":  # mixed [CLS] and mean pooling
             spec["pooling"] = "mean"
-        member = bank.add(name, attach(base, tokenizer=tiny.CharTokenizer(), **spec))
+        member = bank.add(name, attach(base, tokenizer=tiny.tokenizer("decoder"), **spec))
         with torch.no_grad():  # every prefix gets a head of its own, unlike the base model's
             for p in member.heads.parameters():
                 p.normal_(generator=torch.Generator().manual_seed(len(name)))

@@ -236,7 +236,7 @@ def test_save_load_round_trip(family, method, tmp_path):
     model = attach(
         tiny.make(family, task="classification" if tiny.kind(family) == "encoder" else None),
         num_virtual_tokens=3,
-        tokenizer=tiny.CharTokenizer(),
+        tokenizer=tiny.tokenizer("decoder"),
         **options,
     )
     kw = inputs(family)
@@ -282,8 +282,8 @@ def test_only_some_layers_get_a_prefix():
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3"])
 def test_text_prefix_equals_prepending_the_text(family):
     """On a decoder, init from text (and method 'text') is the discrete prefix, exactly."""
-    tok = tiny.CharTokenizer()
-    text = "table-to-text:"
+    tok = tiny.tokenizer("decoder")
+    text = "say the title :"
     text_ids = torch.tensor([tok(text)["input_ids"]])
     window = {"sliding_window": 64}  # a prefix stays visible to every query; a text may slide out of a window
     plain = tiny.make(family, **window)

@@ -27,7 +27,6 @@ pytest.importorskip("fastapi")
 import tiny  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
 from prefixtune import PrefixModel, attach  # noqa: E402
 from prefixtune.serving.app import create_app, running  # noqa: E402
@@ -37,6 +36,7 @@ WORDS = (
     "river hill park bird fish song book door light dark cold warm happy sad old new day night rain snow wind "
     "fire stone water city town good bad film movie"
 ).split()
+CHAT_WORDS = ["user", "assistant", "system", ":", "|", ".", ","]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} | {% endfor %}"
     "{% if add_generation_prompt %}assistant :{% endif %}"
@@ -60,16 +60,6 @@ PROMPTS = [
 ]
 LIMIT = 12  # max_tokens_limit of the llama server
 TOKEN = "s3cret-admin-token"
-
-
-def word_tokenizer(specials: list[str], template: str, **kwargs) -> tf.PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(specials + ["user", "assistant", "system", ":", "|", ".", ","] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(s, vocab[s]) for s in specials if s in template]
-    )
-    return tf.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", **kwargs)
 
 
 def clients(url: str) -> tuple:
@@ -132,9 +122,7 @@ def llama(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models: threads only contend on a shared 2-core machine
     root = tmp_path_factory.mktemp("llama")
     model_dir, prefixes = root / "tiny-llama", root / "prefixes"
-    tok = word_tokenizer(
-        ["[PAD]", "[UNK]", "<s>", "</s>"], "<s> $A", bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE
-    )
+    tok = tiny.tokenizer("decoder", CHAT_WORDS + WORDS, chat_template=CHAT_TEMPLATE, bos=True)
     config = tf.LlamaConfig(
         vocab_size=len(tok),
         hidden_size=32,
@@ -535,7 +523,7 @@ def bert(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bert")
-    tok = word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", cls_token="[CLS]", sep_token="[SEP]")
+    tok = tiny.tokenizer("encoder", CHAT_WORDS + WORDS)
     assert len(tok) <= tiny.VOCAB
     base = tiny.make("bert", task="classification")
     base.config.id2label = {0: "negative", 1: "neutral", 2: "positive"}

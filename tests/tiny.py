@@ -156,13 +156,6 @@ CLASSES = {
 }
 
 
-class CharTokenizer:
-    """Enough of a tokenizer for text-prefix tests on tiny vocabularies."""
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [3 + ord(c) % (VOCAB - 3) for c in text]}
-
-
 def kind(family: str) -> str:
     return FAMILIES[family][0]
 
@@ -188,21 +181,28 @@ FILLER = ["the", "movie", "was", "a", "plot", "and", "very", "quite", "story", "
 WORDS = POSITIVE + NEGATIVE + FILLER + ["say", "title", ":"]
 
 
-def tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+def tokenizer(
+    kind: str, words: list[str] | None = None, chat_template: str | None = None, bos: bool = False
+) -> PreTrainedTokenizerFast:
+    """The tests' one real tokenizer: a word per token over `words` (the toy vocabulary by default).
+
+    Encoders wrap a text in [CLS] ... [SEP]; seq2seq ends it with [SEP] (its eos); decoders use
+    [CLS]/[SEP] as bos/eos and prepend the bos only with `bos`. Punctuation splits off words.
+    """
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIALS + (words or WORDS)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if kind == "encoder":
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-        )
-    elif kind == "seq2seq":
-        tok.post_processor = processors.TemplateProcessing(single="$A [SEP]", special_tokens=[("[SEP]", 3)])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = {"encoder": "[CLS] $A [SEP]", "seq2seq": "$A [SEP]"}.get(kind, "[CLS] $A" if bos else None)
+    if single:
+        specials = [(s, vocab[s]) for s in ("[CLS]", "[SEP]") if s in single]
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
     if kind == "encoder":
         fast.cls_token, fast.sep_token = "[CLS]", "[SEP]"
     else:
         fast.eos_token, fast.bos_token = "[SEP]", "[CLS]"
+    if chat_template:
+        fast.chat_template = chat_template
     return fast
 
 
