@@ -27,7 +27,7 @@ The modules, from the outside in:
 - guards: admin token check, body size/time limits, header deadline: before any handler runs.
 - routes: the endpoints and OpenAI-shaped error handlers.
 - schemas: the request bodies the endpoints accept.
-- completions, classify: what the endpoints answer.
+- answers: what the endpoints answer (completions, chat, classify).
 - server: what one app owns (`PrefixServer`), how a model id becomes a prefix, and the prompt limits.
 - transcript: one request's results as its handler receives them.
 - prefix_store: the prefixes folder (polling, atomic admin upload and delete).

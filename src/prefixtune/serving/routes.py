@@ -17,8 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefixtune.serving import completions
-from prefixtune.serving.classify import classify
+from prefixtune.serving import answers
 from prefixtune.serving.errors import RequestError, error_body
 from prefixtune.serving.guards import admin_error
 from prefixtune.serving.schemas import ChatRequest, ClassifyRequest, CompletionRequest, UploadRequest
@@ -67,15 +66,15 @@ def install_routes(app: FastAPI, srv: PrefixServer) -> None:
 
     @app.post("/v1/completions")
     async def completion(body: CompletionRequest, request: Request) -> Response:
-        return await completions.generate(srv, request, body)
+        return await answers.generate(srv, request, body)
 
     @app.post("/v1/chat/completions")
     async def chat_completion(body: ChatRequest, request: Request) -> Response:
-        return await completions.generate(srv, request, body)
+        return await answers.generate(srv, request, body)
 
     @app.post("/v1/classify")
     async def classification(body: ClassifyRequest, request: Request) -> dict:
-        return await classify(srv, request, body)
+        return await answers.classify(srv, request, body)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -1,9 +1,13 @@
-"""POST /v1/completions and /v1/chat/completions: text generation, whole or streamed.
+"""What the endpoints answer: /v1/completions and /v1/chat/completions (text, whole or streamed), and
+/v1/classify (label probabilities per input).
 
 A request is tokenised, checked and queued (`PrefixServer.submit`), then answered in one of OpenAI's
 two shapes: a JSON body once every choice has finished, or server-sent events as tokens arrive
 (`stream`). A streamed request waits for its first events before answering, so a request that fails
 at once still gets its proper HTTP status instead of an error inside a 200 stream.
+
+/v1/classify is not an OpenAI endpoint; it follows their conventions (a `model` field naming the
+prefix, a list of `data`, `usage`) and reports labels by the names in the base model's config (id2label).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from prefixtune.serving.errors import RequestError, error_body
-from prefixtune.serving.schemas import ChatRequest, CompletionRequest
+from prefixtune.serving.schemas import ChatRequest, ClassifyRequest, CompletionRequest
 from prefixtune.serving.server import PrefixServer
 from prefixtune.serving.transcript import Transcript
 from prefixtune.serving.work import Sink, Work
@@ -128,3 +132,27 @@ async def _stream(transcript: Transcript, head: dict, chat: bool, usage: bool) -
         yield sse(error_body(err))
     finally:
         transcript.work.cancelled = True
+
+
+async def classify(srv: PrefixServer, request: Request, body: ClassifyRequest) -> dict:
+    prefix = await srv.lookup(body.model, "classify")
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise RequestError(400, "input is empty")
+    ids = await asyncio.to_thread(srv.encode, texts)
+    work = Work("classify", prefix, ids, Sink(asyncio.get_running_loop(), 4))
+    transcript = srv.submit(work, prefix)
+    await transcript.wait(request)
+    id2label = getattr(srv.bank.base_model.config, "id2label", None) or {}
+    data = []
+    for i, probs in enumerate(transcript.result):
+        labels = [str(id2label.get(j, id2label.get(str(j), f"LABEL_{j}"))) for j in range(len(probs))]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        data.append({"index": i, "label": labels[best], "probabilities": dict(zip(labels, probs, strict=True))})
+    tokens = sum(len(p) for p in ids)
+    return {
+        "object": "list",
+        "model": body.model,
+        "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
