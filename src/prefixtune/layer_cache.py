@@ -114,7 +114,8 @@ class LowerLayerCache:
         hidden = args[0] if args else kwargs["hidden_states"]
         if not self._replay:
             for key, row, n in zip(keys, hidden.detach(), lengths.tolist(), strict=True):
-                self.rows.setdefault(key, row[:n].clone())
+                if key not in self.rows:  # rows already cached are not copied again
+                    self.rows[key] = row[:n].clone()
             return None
         replayed = hidden.new_zeros(hidden.shape)
         for i, (key, n) in enumerate(zip(keys, lengths.tolist(), strict=True)):
