@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import attention, hooks, serialization
+from prefixtune import serialization
+from prefixtune.core import attention, hooks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from prefixtune import assets
+from prefixtune.core.pooling import trained_pooling
 from prefixtune.errors import PrefixTuneError
-from prefixtune.pooling import trained_pooling
 
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 

@@ -9,8 +9,8 @@ import tiny
 import torch
 
 from prefixtune import attach, baselines
+from prefixtune.core.pooling import masked_mean
 from prefixtune.errors import PrefixTuneError
-from prefixtune.pooling import masked_mean
 
 # The label is decided by one sentiment word among four filler words.
 ROWS = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in tiny.sentiment_rows(200)]

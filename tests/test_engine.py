@@ -159,7 +159,7 @@ def test_matches_handwritten_reference_attention(family, base):
 
 def test_grouped_keys_reach_sdpa_uncopied_with_the_stock_numbers(monkeypatch):
     """On CPU grouped K/V go to SDPA as they are (no repeat_kv copy); logits and gradients stay the stock ones."""
-    from prefixtune import attention
+    from prefixtune.core import attention
 
     model, kw = wrapped("llama"), inputs("llama")
     taken = []

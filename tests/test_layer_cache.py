@@ -8,7 +8,8 @@ import pytest
 import tiny
 import torch
 
-from prefixtune import attach, layer_cache, tasks
+from prefixtune import attach, tasks
+from prefixtune.core import layer_cache
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import TrainConfig, train
 

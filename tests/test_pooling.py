@@ -7,8 +7,8 @@ import tiny
 import torch
 
 from prefixtune import PrefixModel, attach
+from prefixtune.core.pooling import trained_pooling
 from prefixtune.errors import PrefixTuneError
-from prefixtune.pooling import trained_pooling
 
 
 def _batch() -> dict:

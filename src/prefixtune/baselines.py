@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import attention, tasks
+from prefixtune import tasks
+from prefixtune.core import attention
 from prefixtune.errors import PrefixTuneError
 from prefixtune.metrics import classification_metrics
 from prefixtune.model import PrefixModel

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefixtune import attention, batching
+from prefixtune.core import attention, batching
 from prefixtune.errors import PrefixTuneError
 from prefixtune.model import PrefixModel
 

@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import attention, batching, hooks, pooling, serialization
+from prefixtune import serialization
 from prefixtune.config import PrefixConfig
-from prefixtune.discovery import Layout, modules_by_slot, probe
+from prefixtune.core import attention, batching, hooks, pooling
+from prefixtune.core.discovery import Layout, modules_by_slot, probe
+from prefixtune.core.prefixes import PrefixKV, SoftPrompt, kv_to_table, table_to_kv
 from prefixtune.errors import PrefixTuneError
-from prefixtune.prefixes import PrefixKV, SoftPrompt, kv_to_table, table_to_kv
 
 HEAD_NAMES = ("classifier", "pre_classifier", "score", "classification_head", "qa_outputs")
 IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "num_slots", "kv_heads", "head_dim", "roles")

@@ -249,7 +249,7 @@ def info(**options: Any) -> dict:
 def _fits(directory: str, model_name: str, record: dict) -> dict:
     """Load the base model's architecture and compare it with the identity recorded in the prefix."""
     from prefixtune import tasks
-    from prefixtune.discovery import probe
+    from prefixtune.core.discovery import probe
     from prefixtune.model import IDENTITY_KEYS
 
     model, _, _ = tasks.load_model(model_name, record.get("task", "auto"), num_labels=2)

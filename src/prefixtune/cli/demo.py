@@ -4,7 +4,7 @@ It trains a P-tuning v2 style prefix (keys/values in the top half of the layers 
 head) on the frozen MiniLM encoder with Rotten Tomatoes review snippets (research use; Pang & Lee);
 the head reads the mean of the last hidden states, as this sentence encoder was trained to give. The
 layers below the prefix see no trainable value, so they run once per snippet and are replayed from a
-cache (`prefixtune.layer_cache`): the head-only baseline's pass over the data fills it. That is how
+cache (`prefixtune.core.layer_cache`): the head-only baseline's pass over the data fills it. That is how
 four epochs fit in the time two took with the prefix in every layer. It sets the prefix beside
 the baseline that costs the same to store: the frozen encoder with only a trained head, on the same
 snippets. Then it saves the prefix, reloads it onto a fresh copy of the model and classifies a few
@@ -107,7 +107,8 @@ def run_demo(
     test_samples: int | None = None,
 ) -> dict[str, Any]:
     """Train, compare, save, reload, classify; print everything and return the numbers."""
-    from prefixtune import baselines, layer_cache, tasks
+    from prefixtune import baselines, tasks
+    from prefixtune.core import layer_cache
     from prefixtune.model import attach
     from prefixtune.train import TrainConfig, train
 

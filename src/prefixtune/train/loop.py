@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from prefixtune import layer_cache, serialization, tasks
+from prefixtune import serialization, tasks
+from prefixtune.core import layer_cache
 from prefixtune.data import collate
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import defaults

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from prefixtune import attention
+from prefixtune.core import attention
 from prefixtune.errors import PrefixTuneError
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from prefixtune import attention
+from prefixtune.core import attention
 from prefixtune.errors import PrefixTuneError
 
 ENC_LEN, DEC_LEN = 5, 3

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import attention, pooling
+from prefixtune.core import attention, pooling
 
 _INSTALLED = "_prefixtune_hooks"
 
