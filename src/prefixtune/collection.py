@@ -73,15 +73,15 @@ class PrefixCollection(nn.Module):
 
     # ----------------------------------------------------------------------------------- mixed calls
     def groups(self, prefixes: Sequence[str | None]) -> list[batching.Group]:
-        """Rows grouped by prefix name; rows naming None are left to the bare base model."""
+        """Rows grouped by prefix name, each with what its prefix hands the forward pass; None rows run bare."""
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(prefixes):
             if name is not None:
                 rows.setdefault(name, []).append(i)
         device = next(self.base_model.parameters()).device
         if len(rows) == 1 and len(next(iter(rows.values()))) == len(prefixes):
-            return [(None, self[next(iter(rows))])]  # one prefix for the whole batch
-        return [(torch.tensor(r, device=device), self[name]) for name, r in rows.items()]
+            return [(None, self[next(iter(rows))].inputs())]  # one prefix for the whole batch
+        return [(torch.tensor(r, device=device), self[name].inputs()) for name, r in rows.items()]
 
     def _prepared(self, prefixes: Sequence[str | None], kwargs: dict[str, Any]) -> tuple[dict, Any]:
         batch = next((v.shape[0] for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")), None)
@@ -90,7 +90,7 @@ class PrefixCollection(nn.Module):
         groups = self.groups(prefixes)
         if not groups:
             return kwargs, None
-        member = groups[0][1]
+        member = self[next(name for name in prefixes if name is not None)]  # every member shares these
         kwargs = batching.join_prompts(kwargs, groups, member.get_input_embeddings(), member.prompt_position)
         return kwargs, batching.build_state(member.slots, groups, len(prefixes))
 

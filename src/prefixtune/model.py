@@ -6,6 +6,9 @@ Two ways a prefix reaches the model, chosen once at attach time:
   lets the prompt see the input). The attention hook prepends them; nothing else changes.
 - input embeddings: 'prompt'/'text' on encoders and encoder-decoders, whose prompt must attend to
   the input. The prompt is joined to the embeddings and the masks are widened to match.
+
+What each method learns, saves and loads lives in its class in `core.prefixes`; this wrapper only
+asks the class, so it holds no branch on the method.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from prefixtune import serialization
 from prefixtune.config import PrefixConfig
 from prefixtune.core import attention, batching, hooks, pooling
 from prefixtune.core.discovery import Layout, modules_by_slot, probe
-from prefixtune.core.prefixes import PrefixKV, SoftPrompt, kv_to_table, table_to_kv
+from prefixtune.core.prefixes import Site, prefix_class
 from prefixtune.errors import PrefixTuneError
 
 HEAD_NAMES = ("classifier", "pre_classifier", "score", "classification_head", "qa_outputs")
@@ -62,11 +64,13 @@ class PrefixModel(nn.Module):
         self.layout = probe(base_model)
         self.task = _task_of(base_model, self.layout, config.task)
         self.slots = modules_by_slot(base_model, self.layout)  # attention module -> slot: what PrefixState keys on
-        self.uses_kv = config.method == "prefix" or self.layout.is_causal
+        method = prefix_class(config)
+        # Causal attention never lets a prompt at positions 0..P-1 see the input, so there a prompt is
+        # exactly its own keys/values; elsewhere it must sit among the input embeddings.
+        self.uses_kv = not method.joins_input or self.layout.is_causal
         offset = config.position_offset if config.position_offset is not None else self.layout.is_causal
         self.offset_positions = bool(offset) and self.uses_kv
         self._enabled = True
-        self._frozen_kv: tuple[torch.device, list] | None = None
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.head_modules = self._find_heads()
@@ -78,7 +82,14 @@ class PrefixModel(nn.Module):
             self.prefix_config = dataclasses.replace(config, pooling=pooling.default_pooling(base_model, self.task))
         hooks.install(base_model, self.head_modules, self._pooled_backbone())
         self.columns = self._columns()
-        self.prefix = self._build(tokenizer, _init)
+        slot = self.layout.slots[0]
+        self.site = Site(
+            base_model.get_input_embeddings(), self.columns, slot.kv_heads, slot.head_dim,
+            self.layout.hidden_size, self._record_kv,
+        )  # fmt: skip
+        self.prefix = method.create(self.prefix_config, self.site, tokenizer, _init)
+        if self.prefix.length != self.prefix_config.num_virtual_tokens:  # a text prefix is as long as its text
+            self.prefix_config = dataclasses.replace(self.prefix_config, num_virtual_tokens=self.prefix.length)
 
     # ----------------------------------------------------------------------------------------- setup
     def _find_heads(self) -> list[str]:
@@ -121,68 +132,6 @@ class PrefixModel(nn.Module):
             n += slot.layer in layers
         return columns
 
-    def _embeddings(self) -> nn.Embedding:
-        return self.base_model.get_input_embeddings()
-
-    def _token_ids(self, tokenizer: Any, length: int | None) -> torch.Tensor:
-        """Token ids of the configured text (repeated to `length`) or of sampled vocabulary."""
-        cfg = self.prefix_config
-        if cfg.method == "text" or cfg.resolved_init == "text":
-            if tokenizer is None:
-                raise PrefixTuneError("a text prefix or init 'text' needs the tokenizer: pass tokenizer=...")
-            ids = tokenizer(cfg.text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise PrefixTuneError(f"the text {cfg.text!r} tokenizes to nothing")
-            if length is not None:
-                ids = (ids * math.ceil(length / len(ids)))[:length]
-        else:
-            vocab = self._embeddings().num_embeddings
-            gen = torch.Generator().manual_seed(cfg.seed)
-            ids = torch.randint(0, vocab, (length,), generator=gen).tolist()
-        return torch.tensor(ids, dtype=torch.long, device=self._embeddings().weight.device)
-
-    def _build(self, tokenizer: Any, init: bool) -> nn.Module:
-        cfg, layout = self.prefix_config, self.layout
-        if cfg.method == "text":
-            ids = self._token_ids(tokenizer, None) if init else torch.zeros(cfg.num_virtual_tokens, dtype=torch.long)
-            cfg.num_virtual_tokens = len(ids)
-            self.register_buffer("text_ids", ids.to(self._embeddings().weight.device))
-            return SoftPrompt(self._embeddings()(self.text_ids).detach(), trainable=False)
-        length, how = cfg.num_virtual_tokens, cfg.resolved_init
-        if cfg.method == "prompt":
-            weight = self._embeddings().weight
-            prompt = torch.zeros(length, weight.shape[1], dtype=torch.float32, device=weight.device)
-            if init and how in ("text", "vocab"):
-                prompt = self._embeddings()(self._token_ids(tokenizer, length)).detach().float()
-            elif init and how == "random":
-                gen = torch.Generator().manual_seed(cfg.seed)
-                prompt = torch.randn(prompt.shape, generator=gen).to(weight.device) * weight.float().std()
-            return SoftPrompt(prompt, trainable=True)
-        slot = layout.slots[0]
-        n_cols = sum(c is not None for c in self.columns)
-        module = PrefixKV(
-            length, n_cols, slot.kv_heads, slot.head_dim, layout.hidden_size, cfg.reparam, cfg.reparam_hidden
-        )
-        module.to(self._embeddings().weight.device)
-        if not init or how == "zero":
-            if module.reparameterised:
-                nn.init.zeros_(module.embedding)
-            return module
-        gen = torch.Generator().manual_seed(cfg.seed)
-        if module.reparameterised:
-            if how == "random":
-                module.embedding.data.normal_(std=0.02, generator=gen)
-            else:
-                module.embedding.data.copy_(self._embeddings()(self._token_ids(tokenizer, length)).float())
-        elif how == "random":
-            module.table.data.copy_(torch.randn(module.shape, generator=gen))
-        else:
-            pairs = self._record_kv(self._token_ids(tokenizer, length)[None], embeds=False)
-            module.table.data.copy_(
-                kv_to_table([p for p, c in zip(pairs, self.columns, strict=True) if c is not None]).float()
-            )
-        return module
-
     # ------------------------------------------------------------------------------------ prefix values
     def _record_kv(self, inputs: torch.Tensor, embeds: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every slot's own keys/values on `inputs` (token ids, or embeddings with `embeds`)."""
@@ -203,15 +152,18 @@ class PrefixModel(nn.Module):
 
     def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per-slot `(keys, values)` for the current prefix, `[1, kv_heads, P, head_dim]` each."""
-        if self.prefix_config.method == "prefix":
-            return table_to_kv(self.prefix(), self.columns)
-        if self.prefix_config.method == "text":  # frozen: compute once per device
-            device = self.prefix.embedding.device
-            if self._frozen_kv is None or self._frozen_kv[0] != device:
-                self._frozen_kv = (device, self._record_kv(self.text_ids[None], embeds=False))
-            return self._frozen_kv[1]
-        prompt = self.prefix().to(self._embeddings().weight.dtype)[None]
-        return self._record_kv(prompt, embeds=True)
+        return self.prefix.kv(self.site)
+
+    def inputs(self) -> batching.PrefixInputs:
+        """What this prefix hands a forward pass: plain tensors and modules, for `core.batching`."""
+        heads = [(getattr(self.base_model, name), head) for name, head in self.heads.items()]
+        return batching.PrefixInputs(
+            kv=self.prefix_kv() if self.uses_kv else None,
+            prompt=None if self.uses_kv else self.prefix.prompt(),
+            offset=self.prefix_length if self.offset_positions else 0,
+            heads=heads,
+            mean_pool=self.prefix_config.pooling == "mean",
+        )
 
     @property
     def prefix_length(self) -> int:
@@ -222,8 +174,8 @@ class PrefixModel(nn.Module):
         if not self._enabled:
             yield kwargs
             return
-        groups = [(None, self)]
-        kwargs = batching.join_prompts(kwargs, groups, self._embeddings(), self.prompt_position)
+        groups = [(None, self.inputs())]
+        kwargs = batching.join_prompts(kwargs, groups, self.get_input_embeddings(), self.prompt_position)
         batch = next((v.shape[0] for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")), 1)
         with attention.activate(batching.build_state(self.slots, groups, batch)):
             yield kwargs
@@ -312,17 +264,8 @@ class PrefixModel(nn.Module):
 
     # ---------------------------------------------------------------------------------- save and load
     def state_tensors(self, keep_reparam: bool = True) -> dict[str, torch.Tensor]:
-        """What a prefix file holds: the collapsed prefix, the head, and optionally the MLP to resume."""
-        cfg = self.prefix_config
-        tensors: dict[str, torch.Tensor] = {}
-        if cfg.method == "prefix":
-            tensors["prefix"] = self.prefix.collapsed()
-            if self.prefix.reparameterised and keep_reparam:
-                tensors.update({f"reparam.{k}": v for k, v in self.prefix.state_dict().items()})
-        elif cfg.method == "prompt":
-            tensors["prompt"] = self.prefix.embedding.detach()
-        else:
-            tensors["text_ids"] = self.text_ids
+        """What a prefix file holds: the method's own tensors, then each head's."""
+        tensors = dict(self.prefix.saved(keep_reparam))
         for name, head in self.heads.items():
             for key, value in head.state_dict().items():
                 tensors[f"head.{name}.{key}"] = value
@@ -358,8 +301,7 @@ class PrefixModel(nn.Module):
                 f"({ {k: expected.get(k) for k in diff} } vs { {k: found.get(k) for k in diff} })"
             )
         tensors = serialization.read_tensors(directory)
-        if config.reparam == "mlp" and not (is_trainable and "reparam.mlp.0.weight" in tensors):
-            config = dataclasses.replace(config, reparam="none")  # inference needs the collapsed table only
+        config = prefix_class(config).loading_config(config, tensors, is_trainable)
         model = cls(base_model, config, tokenizer, _init=False)
         model.load_tensors(tensors, source=str(directory))
         if not is_trainable:
@@ -369,8 +311,7 @@ class PrefixModel(nn.Module):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str = "prefix file") -> None:
         """Copy saved tensors in after checking every name, shape and dtype against this model."""
-        if self.prefix_config.method == "prefix" and not self.prefix.reparameterised:
-            tensors = {k: v for k, v in tensors.items() if not k.startswith("reparam.")}  # resume-only extras
+        tensors = self.prefix.loadable(tensors)
         own = self.state_tensors(keep_reparam=True)
         missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         if missing or extra:
@@ -384,17 +325,8 @@ class PrefixModel(nn.Module):
                 )
             if not torch.isfinite(value.float()).all():
                 raise PrefixTuneError(f"{source}: tensor {key!r} holds NaN or infinite values")
+        self.prefix.load(tensors, self.site)
         with torch.no_grad():
-            if "prefix" in tensors and not self.prefix.reparameterised:
-                self.prefix.table.copy_(tensors["prefix"])
-            if any(k.startswith("reparam.") for k in tensors):
-                self.prefix.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("reparam.")})
-            if "prompt" in tensors:
-                self.prefix.embedding.copy_(tensors["prompt"])
-            if "text_ids" in tensors:
-                self.text_ids.copy_(tensors["text_ids"])
-                self.prefix.embedding.copy_(self._embeddings()(self.text_ids))
-                self._frozen_kv = None
             for name, head in self.heads.items():
                 head.load_state_dict(
                     {k[len(name) + 6 :]: v for k, v in tensors.items() if k.startswith(f"head.{name}.")}

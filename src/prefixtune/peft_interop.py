@@ -74,7 +74,7 @@ def from_peft(base_model: nn.Module, directory: str | Path, is_trainable: bool =
         method=method, num_virtual_tokens=config["num_virtual_tokens"], init="zero", task=TASKS[config.get("task_type")]
     )
     model = PrefixModel(base_model, prefix_config, _init=False)
-    key = "prefix" if method == "prefix" else "prompt"
+    key = model.prefix.tensor_key
     expected = model.state_tensors()[key].shape
     if weights.numel() != expected.numel() or weights.shape[0] != expected[0]:
         raise PrefixTuneError(
@@ -87,41 +87,49 @@ def from_peft(base_model: nn.Module, directory: str | Path, is_trainable: bool =
     return model
 
 
+def _prefix_tuning(model: PrefixModel, weights: Any) -> tuple[Any, dict[str, Any]]:
+    slot, layout = model.layout.slots[0], model.layout
+    config = dict(
+        peft_type="PREFIX_TUNING", token_dim=slot.kv_heads * slot.head_dim, num_attention_heads=slot.kv_heads,
+        prefix_projection=False, encoder_hidden_size=layout.hidden_size, init_weights=None,
+    )  # fmt: skip
+    return weights.reshape(weights.shape[0], -1), config
+
+
+def _prompt_tuning(model: PrefixModel, weights: Any) -> tuple[Any, dict[str, Any]]:
+    config = dict(
+        peft_type="PROMPT_TUNING", token_dim=model.layout.hidden_size,
+        num_attention_heads=getattr(model.config, "num_attention_heads", None), prompt_tuning_init="RANDOM",
+        prompt_tuning_init_text=None, tokenizer_kwargs=None, tokenizer_name_or_path=None,
+    )  # fmt: skip
+    return weights, config
+
+
+# A prefix's saved tensor -> the PEFT adapter that holds it; a text prefix has no PEFT counterpart.
+EXPORTS = {"prefix": _prefix_tuning, "prompt": _prompt_tuning}
+
+
 def to_peft(model: PrefixModel, directory: str | Path) -> None:
     """Write `model`'s prefix as a PEFT adapter folder that `peft.PeftModel.from_pretrained` loads."""
     cfg, layout = model.prefix_config, model.layout
-    if cfg.method == "text" or not layout.is_causal or model.heads:
+    export = EXPORTS.get(model.prefix.tensor_key)
+    if export is None or not layout.is_causal or model.heads:
         raise PrefixTuneError(
             "PEFT export covers 'prefix' and 'prompt' prefixes on decoder-only models without a task head; "
             f"this one is method {cfg.method!r} on {layout.architecture}"
         )
-    if cfg.method == "prefix" and any(c is None for c in model.columns):
+    if any(c is None for c in model.columns):
         raise PrefixTuneError(f"PEFT prefixes cover every layer; this prefix covers only layers {cfg.layers}")
-    tensors = model.state_tensors()
-    slot = layout.slots[0]
+    weights, config = export(model, model.state_tensors()[model.prefix.tensor_key])
     common = {
         "auto_mapping": None, "base_model_name_or_path": layout.name_or_path or None, "inference_mode": True,
         "modules_to_save": None, "num_layers": layout.num_layers, "num_transformer_submodules": 1,
         "num_virtual_tokens": cfg.num_virtual_tokens, "revision": None, "task_type": "CAUSAL_LM",
     }  # fmt: skip
-    if cfg.method == "prefix":
-        weights = tensors["prefix"].reshape(cfg.num_virtual_tokens, -1)
-        config = dict(
-            common, peft_type="PREFIX_TUNING", token_dim=slot.kv_heads * slot.head_dim,
-            num_attention_heads=slot.kv_heads, prefix_projection=False, encoder_hidden_size=layout.hidden_size,
-            init_weights=None,
-        )  # fmt: skip
-    else:
-        weights = tensors["prompt"]
-        config = dict(
-            common, peft_type="PROMPT_TUNING", token_dim=layout.hidden_size,
-            num_attention_heads=getattr(model.config, "num_attention_heads", None), prompt_tuning_init="RANDOM",
-            prompt_tuning_init_text=None, tokenizer_kwargs=None, tokenizer_name_or_path=None,
-        )  # fmt: skip
     directory = Path(directory)
     data = safetensors_bytes({"prompt_embeddings": weights.contiguous()}, metadata={"format": "pt"})
     serialization.write_bytes(directory / PEFT_WEIGHTS, data)
-    serialization.write_json(directory / PEFT_CONFIG, config)
+    serialization.write_json(directory / PEFT_CONFIG, {**common, **config})
 
 
 def convert(base_model: nn.Module, source: str | Path, target: str | Path) -> str:

@@ -1,37 +1,49 @@
 """Turn "row i uses prefix m_i" into what one forward pass needs; one path for one prefix or many.
 
-A group is `(rows, member)`: `rows` a LongTensor of batch rows, or None for the whole batch, and
-`member` a `PrefixModel` sharing the base model. Rows in no group run the bare base model.
+A prefix hands this module plain data, a `PrefixInputs`: its keys/values or its input embeddings,
+how far it shifts positions, its own heads and its pooling. A group is `(rows, inputs)`: `rows` a
+LongTensor of batch rows, or None for the whole batch. Rows in no group run the bare base model.
 Prefixes of different lengths are padded and masked, never padded with values that attend.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from typing import Any
 
 import torch
+from torch import nn
 
 from prefixtune.core import attention
 from prefixtune.errors import PrefixTuneError
 
-if TYPE_CHECKING:
-    from prefixtune.model import PrefixModel
 
-Group = tuple["torch.Tensor | None", "PrefixModel"]
+@dataclasses.dataclass
+class PrefixInputs:
+    """What one prefix contributes to a forward pass: exactly one of `kv` and `prompt` is set."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] | None  # per slot, `[1, kv_heads, P, head_dim]`
+    prompt: torch.Tensor | None  # `[P, hidden]`, joined to the input embeddings
+    offset: int  # positions the real tokens are shifted by (0: none)
+    heads: list[tuple[nn.Module, nn.Module]]  # (the base model's head, this prefix's own copy)
+    mean_pool: bool
+
+
+Group = tuple["torch.Tensor | None", PrefixInputs]
 
 
 def build_state(slots: dict, groups: list[Group], batch: int) -> attention.PrefixState:
     """The attention state for key/value prefixes, with per-row offsets, heads and pooling."""
-    kv_groups = [(rows, m, m.prefix_kv()) for rows, m in groups if m.uses_kv]
+    kv_groups = [(rows, part, part.kv) for rows, part in groups if part.kv is not None]
     heads: dict = {}
-    for rows, member in groups:
-        for name, head in member.heads.items():
-            heads.setdefault(getattr(member.base_model, name), []).append((rows, head))
-    mean_pool = [rows for rows, m in groups if m.prefix_config.pooling == "mean"] or None
+    for rows, part in groups:
+        for base_head, head in part.heads:
+            heads.setdefault(base_head, []).append((rows, head))
+    mean_pool = [rows for rows, part in groups if part.mean_pool] or None
     if len(kv_groups) == 1 and kv_groups[0][0] is None:  # one prefix for all rows: no copies
-        _, member, kv = kv_groups[0]
+        _, part, kv = kv_groups[0]
         kv = [None if p is None else (p[0], p[1], None) for p in kv]
-        offset = member.prefix_length if member.offset_positions else None
+        offset = part.offset or None
         return attention.PrefixState(slots=slots, kv=kv, offset=offset, heads=heads or None, mean_pool=mean_pool)
     table: list = []
     for slot in range(len(slots)):
@@ -52,10 +64,9 @@ def build_state(slots: dict, groups: list[Group], batch: int) -> attention.Prefi
             visible[index, :n] = True
         table.append((keys, values, visible))
     offset = torch.zeros(batch, dtype=torch.long)
-    for rows, member, _ in kv_groups:
-        if member.offset_positions:
-            offset[slice(None) if rows is None else rows] = member.prefix_length
-    uses_offset = any(m.offset_positions for _, m, _ in kv_groups)
+    for rows, part, _ in kv_groups:
+        offset[slice(None) if rows is None else rows] = part.offset
+    uses_offset = any(part.offset for _, part, _ in kv_groups)
     return attention.PrefixState(
         slots=slots, kv=table, offset=offset if uses_offset else None, heads=heads or None, mean_pool=mean_pool
     )
@@ -67,7 +78,7 @@ def join_prompts(kwargs: dict[str, Any], groups: list[Group], embeddings: torch.
     Every row is laid out exactly as it would be alone (`[:at] prompt [at:] padding`), so a row's
     output does not depend on the prompts of its neighbours.
     """
-    prompt_groups = [(rows, m) for rows, m in groups if not m.uses_kv]
+    prompt_groups = [(rows, part) for rows, part in groups if part.prompt is not None]
     if not prompt_groups:
         return kwargs
     kwargs = dict(kwargs)
@@ -80,8 +91,8 @@ def join_prompts(kwargs: dict[str, Any], groups: list[Group], embeddings: torch.
     batch, length = embeds.shape[:2]
     at = min(at, length)
     prompts: list[torch.Tensor | None] = [None] * batch
-    for rows, member in prompt_groups:
-        prompt = member.prefix().to(embeds.dtype)
+    for rows, part in prompt_groups:
+        prompt = part.prompt.to(embeds.dtype)
         for r in range(batch) if rows is None else rows.tolist():
             prompts[r] = prompt
     widest = max(0 if p is None else p.shape[0] for p in prompts)
