@@ -10,10 +10,9 @@ pytest.importorskip("fastapi")
 
 import tiny  # noqa: E402
 
-from prefixtune.serving.errors import RequestError  # noqa: E402
+from prefixtune.serving.limits import RequestError, Settings  # noqa: E402
 from prefixtune.serving.server import PrefixServer  # noqa: E402
-from prefixtune.serving.settings import Settings  # noqa: E402
-from prefixtune.serving.work import Sink, Work  # noqa: E402
+from prefixtune.serving.work import ChoiceText, Sink, Work  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +73,6 @@ def test_uvicorn_takes_only_the_connection_level_settings():
 
 # ------------------------------------------------------------------------------ pure pieces of the worker
 def test_a_choice_holds_back_text_that_may_start_a_stop_string_or_end_mid_character():
-    from prefixtune.serving.transcript import ChoiceText
-
     pieces = {1: "Hello", 2: " wor", 3: "ld", 4: " EN", 5: "D", 6: "\ufffd"}
     choice = ChoiceText(lambda ids: "".join(pieces[i] for i in ids), stop=("END",))
     sent = []

@@ -26,9 +26,9 @@ from prefixtune import tasks
 from prefixtune.assets import resolve_model
 from prefixtune.errors import PrefixTuneError, first_line
 from prefixtune.serving.guards import BodyLimit, HeaderTimeoutH11Protocol
+from prefixtune.serving.limits import UVICORN_FIELDS, Settings
 from prefixtune.serving.routes import install_routes
 from prefixtune.serving.server import PrefixServer
-from prefixtune.serving.settings import UVICORN_FIELDS, Settings
 
 
 def load_base(name: str, device: str | None = None, dtype: str | None = None) -> tuple[Any, Any, str]:

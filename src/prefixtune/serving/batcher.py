@@ -23,7 +23,7 @@ from typing import Any
 
 from prefixtune.errors import PrefixTuneError
 from prefixtune.serving.engine import Engine
-from prefixtune.serving.errors import Overloaded, RequestError
+from prefixtune.serving.limits import Overloaded, RequestError
 from prefixtune.serving.work import Work
 
 log = logging.getLogger("prefixtune.server")

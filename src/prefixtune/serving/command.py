@@ -15,7 +15,7 @@ from typing import Any
 
 from prefixtune.errors import PrefixTuneError
 from prefixtune.serving.app import serve
-from prefixtune.serving.settings import Settings
+from prefixtune.serving.limits import Settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -22,8 +22,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from prefixtune.serving.errors import RequestError, error_body
-from prefixtune.serving.settings import Settings
+from prefixtune.serving.limits import RequestError, Settings, error_body
 
 
 def admin_error(token: str | None, headers: Mapping[str, str]) -> RequestError | None:

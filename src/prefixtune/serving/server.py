@@ -8,7 +8,7 @@ batcher. It also turns a request's prompts into token ids and checks them agains
 before they reach the batcher: on the event loop, an over-long prompt or an oversized request is
 answered 400 at once with the limit it broke, instead of failing inside a shared batch. The limits:
 `max_tokens_limit`, `max_batch_size` rows (prompts x n when sampling), `max_prompt_tokens`, and the
-model's own positions (prompt + prefix + new tokens). Waiting for results is in `transcript.py`.
+model's own positions (prompt + prefix + new tokens). Waiting for results is `work.Transcript`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ from prefixtune.collection import PrefixCollection
 from prefixtune.model import PrefixModel
 from prefixtune.serving.batcher import Batcher
 from prefixtune.serving.engine import Engine
-from prefixtune.serving.errors import RequestError
-from prefixtune.serving.prefix_store import PrefixFolder
+from prefixtune.serving.limits import NAME_RE, RequestError, Settings
+from prefixtune.serving.prefix_folder import PrefixFolder
 from prefixtune.serving.schemas import ChatMessage
-from prefixtune.serving.settings import NAME_RE, Settings
-from prefixtune.serving.transcript import Transcript
-from prefixtune.serving.work import Work
+from prefixtune.serving.work import Transcript, Work
 
 log = logging.getLogger("prefixtune.server")
 

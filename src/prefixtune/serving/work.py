@@ -1,9 +1,14 @@
-"""One request as the worker thread sees it (`Work`), and the channel its results travel back by (`Sink`).
+"""One request in flight, on both sides of the hand-over between the event loop and the worker thread.
 
-The worker never waits on a client: results go into a bounded `Sink` per request with non-blocking
-puts, and a request whose client left or timed out is marked cancelled by its handler and drops out
-of its batch at the next decoding step. Everything a handler and the worker share is on these two
-objects, so that hand-over is the only place the event loop and the worker thread meet.
+- `Work`: the request as the worker sees it (prompts, sampling settings, tokens so far), and `Sink`,
+  the bounded channel its results travel back by. The worker never waits on a client: it puts
+  events into the sink without blocking, and a request whose client left or timed out is marked
+  cancelled by its handler and drops out of its batch at the next decoding step.
+- `Transcript`: the same request as its handler sees it, the sink's events folded into text
+  (`ChoiceText`) or a result, waited for within the request's deadline.
+
+Everything a handler and the worker share is on these objects, so this hand-over is the only place
+the event loop and the worker thread meet.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefixtune.serving.errors import RequestError
+from prefixtune.serving.limits import RequestError
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 Event = tuple  # ("token", choice, id) | ("finish", choice, reason) | ("result", probs) | ("error", RequestError)
 
@@ -125,3 +134,114 @@ class Work:
         if not self.closed:
             self.closed = True
             self.sink.push(("error", RequestError.of(exc)), force=True)
+
+
+# ------------------------------------------------------------------------------ the handler's side
+class ChoiceText:
+    """One choice's text as its tokens arrive. Text that could still be the start of a stop string,
+    or that ends in an incomplete UTF-8 sequence, is held back until later tokens settle it."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]):
+        self.decode = decode
+        self.stop = stop
+        self.ids: list[int] = []
+        self.finish: str | None = None
+        self.sent = 0
+
+    def text(self) -> str:
+        text = self.decode(self.ids)
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        return text[: min(cuts)] if cuts else text
+
+    def delta(self) -> str:
+        text = self.text()
+        end = len(text)
+        if self.finish is None:
+            end -= max((len(s) - 1 for s in self.stop), default=0)
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+        if end <= self.sent:
+            return ""
+        out, self.sent = text[self.sent : end], end
+        return out
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Transcript:
+    """The handler's view of one request: events from the worker folded into choices or a result."""
+
+    def __init__(self, work: Work, decode: Callable[[list[int]], str], timeout_s: float):
+        self.work = work
+        self.choices = [ChoiceText(decode, work.stop) for _ in range(work.choices)]
+        self.error: RequestError | None = None
+        self.result: Any = None
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def feed(self, events: list) -> list[int]:
+        """Fold `events` in; the indices of the choices they changed."""
+        changed = set()
+        for event in events:
+            if event[0] == "token":
+                self.choices[event[1]].ids.append(event[2])
+                changed.add(event[1])
+            elif event[0] == "finish":
+                self.choices[event[1]].finish = event[2]
+                changed.add(event[1])
+            elif event[0] == "result":
+                self.result = event[1]
+            else:
+                self.error = event[1]
+        return sorted(changed)
+
+    @property
+    def complete(self) -> bool:
+        if self.error is not None or self.result is not None:
+            return True
+        return self.work.kind == "generate" and all(c.finish for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(len(p) for p in self.work.prompts)
+        completion = sum(len(c.ids) for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def next_events(self) -> list:
+        """The events the worker sent since the last call, waiting for at least one; 504 past the deadline."""
+        try:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            return await self.work.sink.get(remaining)
+        except TimeoutError:
+            self.work.cancelled = True
+            raise RequestError(
+                504, f"the request timed out after {self.timeout_s:g} s", "server_error", "timeout"
+            ) from None
+
+    async def wait(self, request: Request, first: bool = False) -> None:
+        """Wait until the result is complete (`first`: until the first events); raise its error, if any.
+
+        A client that disconnects meanwhile cancels its request: it drops out of its batch.
+        """
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while not self.complete:
+                step = asyncio.ensure_future(self.next_events())
+                await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    step.cancel()
+                    raise RequestError(499, "the client closed the request", code="client_closed")
+                self.feed(step.result())
+                if first:
+                    break
+        except BaseException:
+            self.work.cancelled = True
+            raise
+        finally:
+            gone.cancel()
+        if self.error is not None and not any(c.ids for c in self.choices):
+            raise self.error

@@ -21,8 +21,7 @@ from prefixtune import serialization
 from prefixtune.collection import PrefixCollection
 from prefixtune.errors import PrefixTuneError
 from prefixtune.model import PrefixModel
-from prefixtune.serving.errors import RequestError
-from prefixtune.serving.settings import NAME_RE
+from prefixtune.serving.limits import NAME_RE, RequestError
 
 log = logging.getLogger("prefixtune.server")
 
