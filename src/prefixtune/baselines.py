@@ -120,12 +120,12 @@ def head_features(
     state = attention.PrefixState(slots={}, mean_pool=mean)
     pad_id = model.config.get_text_config().pad_token_id
     examples = tasks.encode(model, tokenizer, rows, max_length, template, with_targets=False)
-    device = tasks._device(model)
+    device = tasks.device_of(model)
     feats: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     try:
-        with tasks._eval_mode(model), model.disable_prefix(), attention.activate(state):
+        with tasks.eval_mode(model), model.disable_prefix(), attention.activate(state):
             for idx, batch in tasks.batches(examples, batch_size, tokenizer.pad_token_id):
-                batch = tasks._to(batch, device)
+                batch = tasks.to_device(batch, device)
                 seen.clear()
                 logits = model(**batch).logits.float()
                 if not seen:

@@ -175,16 +175,16 @@ def batches(
         yield idx, collate([examples[i] for i in idx], pad_token_id, padding_side)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off inside the block; the caller's train/eval mode restored after it."""
     was_training = model.training
     model.eval()
@@ -195,7 +195,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _autocast(model: torch.nn.Module, bf16: bool) -> Any:
-    return torch.autocast(_device(model).type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device_of(model).type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -210,7 +210,7 @@ def classify(
     bf16: bool = False,
 ) -> tuple[list[list[float]], float | None]:
     """Class probabilities for every row, plus the mean loss when every row has a label."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return _classify(model, tokenizer, rows, max_length, batch_size, template, bf16)
 
 
@@ -223,7 +223,7 @@ def _classify(
     loss_sum = 0.0
     for idx, batch in batches(examples, batch_size, tokenizer.pad_token_id):
         with _autocast(model, bf16):
-            out = model(**_to(batch, _device(model)))
+            out = model(**to_device(batch, device_of(model)))
         if with_labels:
             loss_sum += float(out.loss) * len(idx)
         for i, p in zip(idx, out.logits.float().softmax(-1).tolist(), strict=True):
@@ -246,8 +246,8 @@ def lm_loss(
     examples = encode(model, tokenizer, rows, max_length, template, max_target_length)
     total, count = 0.0, 0
     for _, batch in batches(examples, batch_size, tokenizer.pad_token_id):
-        with _eval_mode(model), _autocast(model, bf16):
-            out = model(**_to(batch, _device(model)))
+        with eval_mode(model), _autocast(model, bf16):
+            out = model(**to_device(batch, device_of(model)))
         labels = batch["labels"]
         n = int((labels[:, 1:] if model.task == "causal_lm" else labels).ne(IGNORE_INDEX).sum())
         total, count = total + float(out.loss) * n, count + n
@@ -283,8 +283,8 @@ def generate(
     options["pad_token_id"] = tokenizer.pad_token_id
     outputs: list[str] = [""] * len(rows)
     for idx, batch in batches(examples, batch_size, tokenizer.pad_token_id, "left" if causal else "right"):
-        batch = _to(batch, _device(model))
-        with _eval_mode(model), _autocast(model, bf16):
+        batch = to_device(batch, device_of(model))
+        with eval_mode(model), _autocast(model, bf16):
             ids = model.generate(**batch, **options)
         if causal:
             ids = ids[:, batch["input_ids"].shape[1] :]
