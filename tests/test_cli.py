@@ -186,10 +186,74 @@ def test_help_texts_come_from_the_dataclasses(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--learning-rate" in text and "P-tuning v2" in text and "--num-virtual-tokens" in text
     assert "--recipe" in text and "--gradient-checkpointing" in text
-    for verb in ("evaluate", "predict", "generate", "info", "demo"):
+    for verb in ("evaluate", "predict", "generate", "info", "demo", "serve"):
         with pytest.raises(SystemExit):
             cli.main([verb, "--help"])
         assert "--" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ serve
+@pytest.fixture
+def served(monkeypatch):
+    """What `prefixtune serve` hands the server: `serve`'s arguments, recorded instead of starting uvicorn."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import prefixtune.serving.app
+
+    seen = {}
+    monkeypatch.setattr(prefixtune.serving.app, "serve", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+    monkeypatch.delenv("PREFIXTUNE_ADMIN_TOKEN", raising=False)
+    return seen
+
+
+def test_serve_command_line_options(served, monkeypatch, tmp_path):
+    """`prefixtune serve`'s flags and the `cli.serve` function reach the server as `serve`'s keyword arguments."""
+    monkeypatch.setenv("PREFIXTUNE_ADMIN_TOKEN", "from-env")
+    argv = ["serve", "--model", "smollm2", "--prefixes", str(tmp_path), "--port", "9001", "--max-batch-size", "4",
+            "--reload-interval", "0"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert served["args"] == ("smollm2", str(tmp_path))
+    options = served["kwargs"]
+    assert options["port"] == 9001 and options["max_batch_size"] == 4 and options["admin_token"] == "from-env"
+    assert options["reload_interval_s"] is None and options["host"] == "127.0.0.1"
+    cli.serve(model="m", prefixes="p", port=None)  # the Python function's way: None takes the default
+    assert served["args"] == ("m", "p") and served["kwargs"]["port"] == 8000
+
+
+def test_serve_reads_a_recipe_and_flags_win(served, tmp_path, capsys):
+    from prefixtune.serving.limits import Settings
+
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(
+        "model: smollm2\nprefixes: adapters/\nmax-batch-size: 16\nreload-interval: 5\nrequest_timeout: 60\n"
+        "admin-token: from-recipe\nthreads: 2\n"
+    )
+    code, _, err = run(capsys, "serve", "--recipe", recipe, "--max-batch-size", "2")
+    assert code == 0, err
+    assert served["args"] == ("smollm2", "adapters/")
+    options = served["kwargs"]
+    assert options["max_batch_size"] == 2  # the flag wins over the recipe
+    assert options["reload_interval_s"] == 5.0 and options["request_timeout_s"] == 60.0
+    assert options["admin_token"] == "from-recipe" and options["num_threads"] == 2
+    settings = Settings(**{k: v for k, v in options.items() if k in Settings.__dataclass_fields__})
+    assert settings.max_queue == Settings().max_queue  # what neither sets keeps the server's own default
+    assert set(options) - set(Settings.__dataclass_fields__) == {
+        "host", "port", "served_model_name", "device", "dtype", "num_threads"
+    }  # fmt: skip
+
+    recipe.write_text("model: smollm2\nmax-batch-size: many\n")
+    code, _, err = run(capsys, "serve", "--recipe", recipe, "--prefixes", "p")
+    assert code == 2 and "option 'max_batch_size' must be an integer" in err
+    code, _, err = run(capsys, "serve", "--model", "smollm2")
+    assert code == 2 and err.strip() == "error: serve needs --prefixes"
+
+
+def test_serve_without_the_server_packages_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if FastAPI were not installed
+    monkeypatch.delitem(sys.modules, "prefixtune.serving.app", raising=False)
+    code, _, err = run(capsys, "serve", "--model", "smollm2", "--prefixes", "p")
+    assert code == 2
+    assert err.strip() == "error: prefixtune serve needs FastAPI and uvicorn: pip install 'prefixtune[serve]'"
 
 
 # ----------------------------------------------------------------------------------- bad input

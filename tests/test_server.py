@@ -578,31 +578,3 @@ def test_classify_equals_offline_and_reports_labels(bert):
     disabled = http.delete("/admin/prefixes/sentiment", headers={"Authorization": "Bearer x"})
     assert disabled.status_code == 403 and "disabled" in error_of(disabled)["message"]
     assert http.post("/v1/classify", json={"model": "nope", "input": "good"}).status_code == 404
-
-
-def test_command_line_options(monkeypatch, tmp_path):
-    """`python -m prefixtune.serving` and the `prefixtune serve` verb share these options."""
-    import prefixtune.serving.command as server_module
-
-    seen = {}
-    monkeypatch.setattr(server_module, "serve", lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
-    monkeypatch.setenv("PREFIXTUNE_ADMIN_TOKEN", "from-env")
-    argv = [
-        "--model",
-        "smollm2",
-        "--prefixes",
-        str(tmp_path),
-        "--port",
-        "9001",
-        "--max-batch-size",
-        "4",
-        "--reload-interval",
-        "0",
-    ]
-    assert server_module.main(argv) == 0
-    assert seen["args"] == ("smollm2", str(tmp_path))
-    options = seen["kwargs"]
-    assert options["port"] == 9001 and options["max_batch_size"] == 4 and options["admin_token"] == "from-env"
-    assert options["reload_interval_s"] is None and options["host"] == "127.0.0.1"
-    server_module.run_from_args({"model": "m", "prefixes": "p", "port": None})  # the `prefixtune serve` verb's way
-    assert seen["args"] == ("m", "p") and seen["kwargs"]["port"] == 8000

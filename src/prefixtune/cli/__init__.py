@@ -20,7 +20,7 @@ from typing import Any
 
 from prefixtune import serialization
 from prefixtune.cli.data import load_data, load_training_data
-from prefixtune.cli.options import RECIPE, VERB_HELP, VERB_OPTIONS, Option, resolve_options
+from prefixtune.cli.options import RECIPE, SERVE_KEYWORDS, VERB_HELP, VERB_OPTIONS, Option, resolve_options
 from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import TrainConfig, TrainResult, evaluate_rows
@@ -314,10 +314,24 @@ def tune(**options: Any) -> dict:
 
 
 def serve(**options: Any) -> None:
-    """Run the HTTP server (its options are those of `prefixtune.serving.command.add_arguments`)."""
-    from prefixtune.serving.command import run_from_args
+    """Serve many prefixes of one frozen model over an OpenAI-compatible HTTP API until interrupted;
+    see `prefixtune.serving`. The admin token defaults to the PREFIXTUNE_ADMIN_TOKEN variable."""
+    import logging
+    import os
 
-    run_from_args(options)
+    try:
+        from prefixtune.serving.app import serve as run_server
+    except ImportError:  # the server's packages are an optional extra
+        raise PrefixTuneError("prefixtune serve needs FastAPI and uvicorn: pip install 'prefixtune[serve]'") from None
+    opts = resolve_options("serve", options)
+    missing = [f"--{n}" for n in ("model", "prefixes") if not opts[n]]
+    if missing:
+        raise PrefixTuneError(f"serve needs {' and '.join(missing)}")
+    opts = {SERVE_KEYWORDS.get(k, k): v for k, v in opts.items()}
+    opts["admin_token"] = opts["admin_token"] or os.environ.get("PREFIXTUNE_ADMIN_TOKEN")
+    opts["reload_interval_s"] = opts["reload_interval_s"] or None  # 0: no polling
+    logging.basicConfig(level=opts["log_level"].upper(), format="%(levelname)s %(name)s: %(message)s")
+    run_server(opts.pop("model"), opts.pop("prefixes"), **opts)
 
 
 VERBS = {"train": train, "evaluate": evaluate, "predict": predict, "generate": generate, "info": info, "demo": demo,
@@ -349,17 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, options in VERB_OPTIONS.items():
         p = sub.add_parser(verb, help=VERB_HELP[verb], description=VERB_HELP[verb])
-        if verb in ("train", "evaluate", "predict", "generate", "tune"):
+        if verb in ("train", "evaluate", "predict", "generate", "serve", "tune"):
             _add(p, RECIPE)
         for option in options:
             _add(p, option)
-    serve_parser = sub.add_parser("serve", help=VERB_HELP["serve"], description=VERB_HELP["serve"])
-    try:
-        from prefixtune.serving.command import add_arguments
-    except ImportError:  # the server's packages are an optional extra
-        serve_parser.set_defaults(verb="serve-missing")
-    else:
-        add_arguments(serve_parser)
     return parser
 
 
@@ -372,9 +379,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     verb = args.pop("verb")
-    if verb == "serve-missing":
-        print("error: prefixtune serve needs FastAPI and uvicorn: pip install 'prefixtune[serve]'", file=sys.stderr)
-        return 2
     given = {k: v for k, v in args.items() if v is not None}
     previous = warnings.formatwarning
     warnings.formatwarning = _one_line_warnings

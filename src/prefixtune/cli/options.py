@@ -16,6 +16,7 @@ from typing import Any
 from prefixtune.cli import demo, recipes
 from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
+from prefixtune.serving.limits import Settings
 from prefixtune.train import TrainConfig
 
 
@@ -216,6 +217,41 @@ TUNE_OPTIONS = [
     ),
     Option("study_name", str, "prefixtune", "Name of the study in the storage; the same name resumes it."),
 ]
+_SERVER = Settings()  # the one home of each server default
+SERVE_OPTIONS = [
+    Option("model", str, None, "Base model: a folder, a hub name, or a built-in alias (smollm2, minilm)."),
+    Option("prefixes", str, None, "Folder with one subfolder per prefix (created if missing); watched."),
+    Option("host", str, "127.0.0.1", "Address to listen on."),
+    Option("port", int, 8000, "Port."),
+    Option(
+        "admin_token",
+        str,
+        None,
+        "Token for /admin/prefixes; default: the PREFIXTUNE_ADMIN_TOKEN variable, the safer way (command lines "
+        "are visible to other users). Without one the admin endpoints are disabled.",
+    ),
+    Option("served_model_name", str, None, "Id of the base model in requests (default: the folder's name)."),
+    Option("max_batch_size", int, _SERVER.max_batch_size, "Rows per batch."),
+    Option("max_wait_ms", float, _SERVER.max_wait_ms, "How long a request waits for others to batch with."),
+    Option("max_body_bytes", int, _SERVER.max_body_bytes, "Largest request body."),
+    Option("max_upload_bytes", int, _SERVER.max_upload_bytes, "Largest admin upload."),
+    Option("max_prompt_tokens", int, _SERVER.max_prompt_tokens, "Longest prompt."),
+    Option("max_tokens_limit", int, _SERVER.max_tokens_limit, "Largest max_tokens."),
+    Option("reload_interval", float, _SERVER.reload_interval_s, "Seconds between folder scans; 0: off."),
+    Option("request_timeout", float, _SERVER.request_timeout_s, "Seconds before a request is abandoned."),
+    Option("max_queue", int, _SERVER.max_queue, "Queued requests before answering 503."),
+    Option("timeout_keep_alive", int, _SERVER.timeout_keep_alive, "Seconds an idle connection stays open."),
+    Option("device", str, None, "Torch device (default: cuda when available, else cpu)."),
+    Option("dtype", str, None, "Model dtype (default: float32).", ("float32", "bfloat16", "float16")),
+    Option("threads", int, None, "Torch CPU threads."),
+    Option("log_level", str, _SERVER.log_level, "Log level.", ("critical", "error", "warning", "info", "debug")),
+]
+# The flags whose keyword in `prefixtune.serving.serve` (a `Settings` field) names its unit or is longer.
+SERVE_KEYWORDS = {
+    "reload_interval": "reload_interval_s",
+    "request_timeout": "request_timeout_s",
+    "threads": "num_threads",
+}
 VERB_OPTIONS: dict[str, list[Option]] = {
     "train": [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS],
     "evaluate": EVAL_OPTIONS,
@@ -225,6 +261,7 @@ VERB_OPTIONS: dict[str, list[Option]] = {
     "demo": DEMO_OPTIONS,
     "convert": CONVERT_OPTIONS,
     "tune": TUNE_OPTIONS,
+    "serve": SERVE_OPTIONS,
 }
 VERB_HELP = {
     "train": "Train a prefix on a frozen model and save it (with metrics.jsonl, curves.png, checkpoints).",

@@ -6,8 +6,21 @@ appear without a restart. From the outside in: `app` builds and runs it, `guards
 handler, `routes` lists the endpoints, `server` holds `PrefixServer`, `work` is one request in
 flight, `batcher` and `engine` are the worker thread and its model calls; `limits` holds `Settings`
 and `RequestError`. Everything logs to the `prefixtune.server` logger.
+
+`create_app`, `serve` and `running` load FastAPI and uvicorn on first use, so that `limits` (which
+the command line reads for its defaults) imports without them.
 """
 
-from prefixtune.serving.app import create_app, running, serve
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["create_app", "running", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from prefixtune.serving import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
