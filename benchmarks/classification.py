@@ -27,7 +27,7 @@ import time
 
 from benchmarks.common import RESULTS, Finetune, emit, pick_on_validation, run_row
 
-SEED_TEXT = "This is a positive sentiment sentence."  # the seed article's own discrete prefix
+ARTICLE_TEXT = "This is a positive sentiment sentence."  # the article's fixed text prefix (examples/article_trainer.py)
 POOLING = "mean"  # all-MiniLM-L6-v2 is a mean-pooling sentence encoder
 VALIDATION_SPLIT = 1280  # the whole validation split of the bundled Rotten Tomatoes
 ROWS = {  # name: (label, learning-rate grid)
@@ -69,13 +69,13 @@ def build(row: str, seed: int, prefix_length: int = 16, reparam_hidden: int = 51
     if row == "full":
         return Finetune(base, "classification", "all", pooling=POOLING), tokenizer
     if row == "text+head":
-        return attach(base, tokenizer=tokenizer, method="text", text=SEED_TEXT, pooling=POOLING), tokenizer
+        return attach(base, tokenizer=tokenizer, method="text", text=ARTICLE_TEXT, pooling=POOLING), tokenizer
     if row == "prompt":
         return attach(base, method="prompt", **options), tokenizer
     if row == "prefix-mlp":
         return attach(base, method="prefix", reparam="mlp", reparam_hidden=reparam_hidden, **options), tokenizer
     if row == "prefix-text":
-        return attach(base, tokenizer=tokenizer, method="prefix", text=SEED_TEXT, init="text", **options), tokenizer
+        return attach(base, tokenizer=tokenizer, method="prefix", text=ARTICLE_TEXT, init="text", **options), tokenizer
     return attach(base, method="prefix", **options), tokenizer
 
 

@@ -1,4 +1,4 @@
-"""The examples folder works: the seed Trainer script (shrunk) and both recipes."""
+"""The examples folder works: the article's Trainer script (shrunk) and both recipes."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from prefixtune.train import TrainConfig
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_seed_trainer_script_trains_and_saves_a_prefix(tmp_path):
-    """The seed article's script on the real Rotten Tomatoes data, with a tiny BERT and a few steps."""
+def test_article_trainer_script_trains_and_saves_a_prefix(tmp_path):
+    """The article's script on the real Rotten Tomatoes data, with a tiny BERT and a few steps."""
     model = tiny.save("bert", tmp_path / "bert", task="classification")
-    env = {**os.environ, "SEED_MODEL": model, "SEED_STEPS": "4", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "ARTICLE_MODEL": model, "ARTICLE_STEPS": "4", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "seed_trainer.py")],
+        [sys.executable, str(EXAMPLES / "article_trainer.py")],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -161,7 +161,8 @@ class TrainResult:
 
 # ---------------------------------------------------------------------------------- building blocks
 def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The five optimizers the issue names, all driven by an external learning-rate schedule."""
+    """The five `--optimizer` choices (adamw, adam, sgd, rmsprop, adafactor), all driven by an external
+    learning-rate schedule: Adafactor's own relative step size and warmup are off."""
     lr, wd = cfg.learning_rate, cfg.weight_decay
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
