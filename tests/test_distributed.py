@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,12 @@ def test_accelerate_two_processes_equal_one_process_with_the_global_batch(setup)
         capture_output=True, text=True, timeout=300, env=env, cwd=root,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("best step") <= 1 and proc.stdout.count("trained params") <= 1  # main process reports
+    # The main process alone reports: the run's summary table, the baselines table, each evaluation once.
+    out = proc.stdout
+    assert out.count("trainable params") == 1 and out.count("best step") == 1, out
+    assert out.count("validation accuracy beside the baselines") == 1, out
+    evaluated = re.findall(r"^step (\d+): loss", out, flags=re.M)
+    assert evaluated and len(evaluated) == len(set(evaluated)), out
     torch.set_num_threads(1)
     assert cli.main([*argv(model, data, root / "one", batch=8)]) == 0
     two = load_file(root / "two" / "prefixtune_model.safetensors")

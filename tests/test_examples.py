@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,8 @@ def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path
     """The README's main command, shrunk: real MiniLM and Rotten Tomatoes, 64 snippets each way, run twice."""
     import torch
 
-    from prefixtune.cli.demo import SENTENCES, run_demo
+    from prefixtune.assets import load_builtin_dataset
+    from prefixtune.cli.demo import EPOCHS, SENTENCES, run_demo
 
     threads = torch.get_num_threads()
     try:
@@ -64,7 +66,16 @@ def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path
     out = capsys.readouterr().out
     assert "head only: test accuracy" in out and "prefix tuning: test accuracy" in out
     assert "layers 1-3 run once per snippet" in out  # the lower layers came from the cache
-    assert 0 <= result["prefix_accuracy"] <= 1 and 0 <= result["head_only_accuracy"] <= 1
+    table = dict(re.findall(r"^\| (.+?) +\| +(.+?) \|$", out, flags=re.M))  # the last run's rows win
+    assert table["prefix tuning: test accuracy"] == f"{result['prefix_accuracy']:.4f}"  # it returns what it prints
+    assert table["head only: test accuracy"] == f"{result['head_only_accuracy']:.4f}"
+    assert table["prefix tuning: steps / seconds"].startswith(f"{result['steps']} / ")
+    assert result["steps"] == EPOCHS * 64 // 32 and not result["out_of_time"]  # every epoch ran, batches of 32
+    # Both beat always answering the sample's majority label (39 of 64 positive: 0.609). With these seeds
+    # the prefix measures 0.7500 and the head alone 0.7344, with bf16 autocast or without.
+    labels = [row["label"] for row in list(load_builtin_dataset("rotten_tomatoes", seed=0)["test"])[:64]]
+    majority = max(labels.count(0), labels.count(1)) / len(labels)
+    assert result["prefix_accuracy"] > majority and result["head_only_accuracy"] > majority
     assert [r["text"] for r in result["predictions"]] == SENTENCES
-    assert {r["label"] for r in result["predictions"]} <= {"negative", "positive"}
+    assert [r["label"] for r in result["predictions"]] == ["positive", "negative", "positive", "negative"]
     assert serialization.read_config(tmp_path / "demo")["task"] == "classification"
