@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import tiny
 
-from prefixtune import cli, serialization
-from prefixtune.cli import options
+from prefixtune import serialization
+from prefixtune.cli import options, prepare
 from prefixtune.train import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -44,7 +44,7 @@ def test_recipes_are_valid_train_options(name):
     opts = options.resolve_options("train", {"recipe": str(EXAMPLES / "recipes" / name)})
     assert opts["model"] in ("minilm", "smollm2") and opts["dataset"]
     TrainConfig(**{k: opts[k] for k in TrainConfig.fields_help()})  # every value passes validation
-    cli._prefix_config(opts, opts["seed"])
+    prepare.prefix_config(opts, opts["seed"])
 
 
 def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path, capsys):

@@ -9,8 +9,9 @@ import pytest
 import tiny
 import torch
 
-from prefixtune import cli, search, tasks
+from prefixtune import cli, tasks
 from prefixtune import train as train_module
+from prefixtune.cli import search
 from prefixtune.errors import PrefixTuneError
 from prefixtune.model import PrefixModel
 from prefixtune.train import defaults, loop, run_log
@@ -124,14 +125,14 @@ def test_a_trial_worse_than_the_median_is_pruned(assets, tmp_path, monkeypatch, 
         study.enqueue_trial({"learning_rate": lr, "reparam": "none", "steps": 8})
 
     trial_of = {}
-    real_build = cli.build_model
+    real_build = search.build_model
 
     def build(opts, *args):
         trial_of["lr"] = opts["learning_rate"]
         return real_build(opts, *args)
 
     # Training is real; the validation scores are scripted: the second trial is far worse at every evaluation.
-    monkeypatch.setattr(cli, "build_model", build)
+    monkeypatch.setattr(search, "build_model", build)
     monkeypatch.setattr(tasks, "evaluate", lambda *a, **k: {"loss": 0.2 if trial_of["lr"] == 0.05 else 0.9})
     result = cli.tune(**small(assets, out, trials=2, metric="loss", pruner="median"))
     states = [t.state.name for t in load_study(out).trials]

@@ -2,7 +2,8 @@
 
 Every verb is also a Python function here (`train(**options)`, `evaluate(...)`, ...) taking the
 same option names as the flags, with underscores (declared in `options.py`; data files and
-splits are read in `data.py`, recipes in `recipes.py`, and the demo is `demo.py`). Options can also come
+splits are read in `data.py`, recipes in `recipes.py`, a run's model is built in `prepare.py`, the
+`tune` search is `search.py` and the demo is `demo.py`). Options can also come
 from a YAML/JSON recipe (`--recipe`); flags given on the command line win. Mistakes print one
 `error: ...` line and exit 2.
 """
@@ -10,7 +11,6 @@ from a YAML/JSON recipe (`--recipe`); flags given on the command line win. Mista
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import warnings
@@ -21,56 +21,19 @@ from typing import Any
 from prefixtune import serialization
 from prefixtune.cli.data import load_data, load_training_data
 from prefixtune.cli.options import RECIPE, SERVE_KEYWORDS, VERB_HELP, VERB_OPTIONS, Option, resolve_options
-from prefixtune.config import PrefixConfig
+from prefixtune.cli.prepare import build_model
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import TrainConfig, TrainResult, evaluate_rows
 from prefixtune.train import train as train_prefix
 
 
 # -------------------------------------------------------------------------------------------- verbs
-def _prefix_config(opts: dict, seed: int) -> PrefixConfig:
-    fields = {f.name for f in dataclasses.fields(PrefixConfig)}
-    values = {k: opts[k] for k in fields if k in opts and opts[k] is not None}
-    if opts.get("prefix_text"):
-        values["text"] = opts["prefix_text"]
-    values["seed"] = seed
-    values.pop("task", None)
-    return PrefixConfig(**values)
-
-
 def _print_table(rows: Sequence[tuple[str, Any]], title: str | None = None) -> None:
     from prefixtune.train.run_log import summary_table
 
     if title:
         print(title)
     print(summary_table(rows))
-
-
-def data_task(opts: dict, train_rows: list[dict]) -> str:
-    """--task as the data settles it: 'auto' with labels is classification; the model decides the rest."""
-    has_labels = "label" in train_rows[0]
-    task = opts["task"]
-    if task == "auto":
-        task = "classification" if has_labels else "auto"
-    if task == "classification" and not has_labels:
-        raise PrefixTuneError("classification needs labels: set --label-column (or drop --target-column)")
-    return task
-
-
-def build_model(opts: dict, train_rows: list[dict], label_names: list[str] | None) -> tuple[Any, Any, TrainConfig]:
-    """The base model with a fresh prefix attached, and the training settings, from resolved options."""
-    import torch
-
-    from prefixtune import tasks
-    from prefixtune.model import attach
-
-    task = data_task(opts, train_rows)
-    train_cfg = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
-    prefix_cfg = _prefix_config(opts, train_cfg.seed)
-    num_labels = len(label_names) if label_names else None
-    torch.manual_seed(train_cfg.seed)  # a new task head is drawn at load time: the seed must cover it
-    base, tokenizer, task = tasks.load_model(opts["model"], task, num_labels, label_names)
-    return attach(base, prefix_cfg, tokenizer=tokenizer), tokenizer, train_cfg
 
 
 def train(**options: Any) -> TrainResult:
@@ -306,8 +269,8 @@ def convert(**options: Any) -> str:
 
 
 def tune(**options: Any) -> dict:
-    """Search prefix hyperparameters on the validation split with Optuna: see `prefixtune.search`."""
-    from prefixtune.search import run_search
+    """Search prefix hyperparameters on the validation split with Optuna: see `prefixtune.cli.search`."""
+    from prefixtune.cli.search import run_search
 
     opts = resolve_options("tune", options)
     return run_search(opts)

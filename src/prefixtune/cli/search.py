@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from prefixtune import serialization
+from prefixtune.cli.data import load_training_data
+from prefixtune.cli.prepare import build_model, data_task
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train import TrainConfig, better, defaults, metric_name
 from prefixtune.train.checkpoints import CHECKPOINTS
@@ -67,8 +69,6 @@ def run_search(opts: dict) -> dict[str, Any]:
     import optuna
 
     _check(opts)
-    from prefixtune.cli import data_task, load_training_data
-
     splits, label_names = load_training_data(opts)
     splits.pop("test", None)  # never read: settings chosen on test rows would flatter the test score
     metric = metric_name(TrainConfig(metric=opts["metric"]), data_task(opts, splits["train"]))
@@ -158,7 +158,6 @@ def _run_trial(trial: Any, opts: dict, splits: dict, label_names: Any, budget: i
     """Train one trial in trials/<n>/, reporting every validation evaluation to the pruner."""
     import optuna
 
-    from prefixtune import cli
     from prefixtune.train import train
 
     try:
@@ -188,7 +187,7 @@ def _run_trial(trial: Any, opts: dict, splits: dict, label_names: Any, budget: i
 
     info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"]}
     try:
-        model, tokenizer, cfg = cli.build_model(trial_opts, splits["train"], label_names)
+        model, tokenizer, cfg = build_model(trial_opts, splits["train"], label_names)
         result = train(model, tokenizer, splits["train"], splits["validation"], cfg, info, eval_hook=report)
     except PrefixTuneError as exc:
         if not _trials(trial.study, FINISHED):  # nothing has worked yet: most likely the setup, so stop here
