@@ -155,3 +155,31 @@ def test_multitask_training_equals_training_each_prefix_alone():
         ):
             torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5, msg=name)
         assert not torch.allclose(solo.prefix.table, make_bank()[task].prefix.table)  # it did train
+
+
+def test_batch_assembly_needs_only_what_each_prefix_hands_it():
+    """`core.batching` works from plain `PrefixInputs`: shorter prefixes are padded and masked, bare rows see none."""
+    from prefixtune.core.batching import PrefixInputs, build_state, join_prompts
+
+    def kv(length: int, fill: float) -> list:
+        return [(torch.full((1, 2, length, 4), fill), torch.full((1, 2, length, 4), -fill)), None]
+
+    short = PrefixInputs(kv=kv(2, 1.0), prompt=None, offset=2, heads=[], mean_pool=False)
+    long = PrefixInputs(kv=kv(3, 2.0), prompt=None, offset=0, heads=[], mean_pool=True)
+    slots = {torch.nn.Identity(): 0, torch.nn.Identity(): 1}
+    state = build_state(slots, [(torch.tensor([0]), short), (torch.tensor([2]), long)], batch=3)
+    keys, values, visible = state.kv[0]
+    assert keys.shape == (3, 2, 3, 4) and state.kv[1] is None  # the widest prefix; slot 1 has none
+    assert visible.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    assert keys[0, :, :2].eq(1).all() and keys[2].eq(2).all() and values[2].eq(-2).all() and keys[1].eq(0).all()
+    assert state.offset.tolist() == [2, 0, 0] and len(state.mean_pool) == 1 and state.mean_pool[0].tolist() == [2]
+
+    prompt = PrefixInputs(kv=None, prompt=torch.ones(2, 3), offset=0, heads=[], mean_pool=False)
+    embeddings = torch.nn.Embedding(10, 3)
+    with torch.no_grad():
+        embeddings.weight.zero_()
+    ids, mask = torch.tensor([[5, 6, 7], [5, 6, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    joined = join_prompts({"input_ids": ids, "attention_mask": mask}, [(torch.tensor([1]), prompt)], embeddings, 1)
+    assert joined["inputs_embeds"].shape == (2, 5, 3)  # the prompt after the first token, then right padding
+    assert joined["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    assert joined["inputs_embeds"][1, 1:3].eq(1).all() and joined["inputs_embeds"][0].eq(0).all()
