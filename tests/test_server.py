@@ -118,6 +118,16 @@ class Offline:
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
+    yield from serve_llama(tmp_path_factory, "continuous")
+
+
+@pytest.fixture(scope="module")
+def llama_batch(tmp_path_factory):
+    """The same server with the dynamic batcher, which decoders can still ask for (`--scheduler batch`)."""
+    yield from serve_llama(tmp_path_factory, "batch")
+
+
+def serve_llama(tmp_path_factory, scheduler: str):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads only contend on a shared 2-core machine
     root = tmp_path_factory.mktemp("llama")
@@ -145,6 +155,7 @@ def llama(tmp_path_factory):
     app = create_app(
         str(model_dir),
         prefixes,
+        scheduler=scheduler,
         max_batch_size=8,
         max_wait_ms=20,
         max_body_bytes=16_384,
@@ -158,7 +169,9 @@ def llama(tmp_path_factory):
     offline = Offline(model_dir, prefixes)
     with running(app, timeout_keep_alive=2, log_level="warning") as url:
         api, http = clients(url)
-        yield {"api": api, "http": http, "srv": app.state.prefixtune, "offline": offline, "url": url, "root": root}
+        srv = app.state.prefixtune
+        yield {"api": api, "http": http, "srv": srv, "offline": offline, "url": url, "root": root,
+               "scheduler": scheduler}  # fmt: skip
     torch.set_num_threads(threads)
 
 
@@ -317,7 +330,10 @@ def test_error_statuses(llama):
 
 
 # ------------------------------------------------------------------------------------- load
-def test_load_200_requests_16_clients_all_equal_offline(llama):
+@pytest.mark.parametrize("server", ["llama", "llama_batch"])
+def test_load_200_requests_16_clients_all_equal_offline(server, request):
+    """Mixed prefixes, mixed max_tokens and, under the continuous scheduler, rows joining mid-stream."""
+    llama = request.getfixturevalue(server)
     api, off, srv = llama["api"], llama["offline"], llama["srv"]
     rng = random.Random(0)
     names = ["alpha", "beta", "gamma", "delta", None]
@@ -343,11 +359,13 @@ def test_load_200_requests_16_clients_all_equal_offline(llama):
         ids = off.chat_ids(prompt) if is_chat else off.tok(prompt)["input_ids"]
         assert got == off.answer(name, ids, max_tokens), (name, prompt, max_tokens, is_chat)
     stats = srv.batcher.stats
-    batches = stats["batches"] - before.get("batches", 0)
-    rows = stats["rows"] - before.get("rows", 0)
-    assert rows == 200 and batches < 150, (rows, batches)  # requests really shared batches
-    assert stats.get("failed", 0) == before.get("failed", 0)
-    print(f"200 requests in {elapsed:.1f} s, {batches} batches")
+    grew = {k: stats[k] - before.get(k, 0) for k in ("requests", "batches", "rows", "steps", "joined_running")}
+    assert grew["requests"] == 200 and stats.get("failed", 0) == before.get("failed", 0), grew
+    if llama["scheduler"] == "batch":
+        assert grew["rows"] == 200 and grew["batches"] < 150, grew  # requests really shared batches
+    else:  # steps were shared, and rows joined batches that were already decoding
+        assert grew["rows"] > 1.5 * grew["steps"] and grew["joined_running"] > 20 and stats["max_rows"] > 4, grew
+    print(f"200 requests in {elapsed:.1f} s: {grew}")
 
 
 # ------------------------------------------------------------------------------------- hot-loading and admin
@@ -439,14 +457,18 @@ def gated(srv):
     return gate
 
 
-def test_failure_in_one_request_spares_the_rest_of_its_batch(llama, monkeypatch):
+@pytest.mark.parametrize("server", ["llama", "llama_batch"])
+def test_failure_in_one_request_spares_the_rest_of_its_batch(server, request, monkeypatch):
+    llama = request.getfixturevalue(server)
     api, off, srv = llama["api"], llama["offline"], llama["srv"]
 
     def broken():
         raise RuntimeError("injected failure")
 
+    # A freshly loaded copy: the continuous scheduler computes a prefix's keys/values once per loaded prefix.
+    srv.batcher.run_in_worker(lambda: srv.bank.add("flaky", llama["root"] / "prefixes" / "flaky")).result()
     monkeypatch.setattr(srv.bank["flaky"], "prefix_kv", broken)  # the test hook: this prefix fails to compute
-    reruns = srv.batcher.stats["reruns"]
+    reruns, failed = srv.batcher.stats["reruns"], srv.batcher.stats["failed"]
     jobs = [
         ("flaky", PROMPTS[0]),
         ("alpha", PROMPTS[1]),
@@ -468,7 +490,9 @@ def test_failure_in_one_request_spares_the_rest_of_its_batch(llama, monkeypatch)
         wait_for(lambda: srv.batcher.pending() == len(jobs))
         gate.set()
         results = [f.result() for f in futures]
-    assert srv.batcher.stats["reruns"] == reruns + 1  # they shared one batch, which failed and was split
+    if llama["scheduler"] == "batch":
+        assert srv.batcher.stats["reruns"] == reruns + 1  # they shared one batch, which failed and was split
+    assert srv.batcher.stats["failed"] == failed + 2  # the two flaky requests, and no other
     for (name, prompt), got in zip(jobs, results, strict=True):
         if name == "flaky":
             assert isinstance(got, openai.InternalServerError) and got.status_code == 500

@@ -115,3 +115,85 @@ def test_the_batcher_gathers_what_fits_and_defers_the_rest_in_order():
     assert batcher._collect() == [big]  # full: `after` stays queued for the next batch
     assert batcher._collect() == [after]
     assert batcher.pending() == 0 and batcher._collect() is None
+
+
+# ------------------------------------------------------------------------------------- continuous batching
+def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone():
+    """Rows of different lengths and prefixes join a decoding batch (padding either side) and leave it
+    (trimming padding); every row's greedy tokens equal `PrefixCollection.generate` of that row alone."""
+    import torch
+
+    from prefixtune import attach
+    from prefixtune.collection import PrefixCollection
+    from prefixtune.serving.scheduler import Row, RunningBatch
+
+    torch.manual_seed(0)
+    model = tiny.make("llama", vocab_size=40, pad_token_id=0, eos_token_id=3, initializer_range=0.2)
+    bank = PrefixCollection(model)
+    bank.add("p2", attach(model, num_virtual_tokens=2, init="random", seed=1))
+    bank.add("p5", attach(model, method="prompt", num_virtual_tokens=5, init="random", seed=2))
+    prompts = {"a": ([5, 6, 7], "p2", 6), "b": ([8, 9, 10, 11, 12, 13, 14], None, 9), "c": ([15] * 11, "p5", 5)}
+    expected = {}
+    for key, (ids, name, steps) in prompts.items():
+        out = bank.generate([name], input_ids=torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)  # fmt: skip
+        expected[key] = out[0, len(ids) :].tolist()
+    batch = RunningBatch(model, bank["p2"].slots)
+    got: dict[str, list[int]] = {}
+
+    def join(key: str) -> None:
+        ids, name, _ = prompts[key]
+        row = Row(work=key, choices=[0], prompt=ids, inputs=None if name is None else bank[name].inputs())
+        while (logits := batch.feed(row, 4)) is None:  # chunked: four prompt tokens at a time
+            pass
+        row.token = int(logits.argmax())
+        got[key] = [row.token]
+        batch.add(row)
+
+    def step() -> None:
+        logits = batch.step()
+        for i, row in enumerate(batch.rows):
+            row.token = int(logits[i].argmax())
+            got[row.work].append(row.token)
+        batch.keep([i for i, row in enumerate(batch.rows) if len(got[row.work]) < prompts[row.work][2]])
+
+    join("a")
+    step()
+    join("b")  # longer than the running batch: the batch is padded
+    step()
+    join("c")  # longer again
+    while batch.rows:
+        step()  # "c" leaves first, then "a": their padding columns are trimmed
+    assert batch.cache is None and got == expected
+
+
+def test_pick_samples_within_top_p_and_greedy_takes_the_argmax():
+    import torch
+
+    from prefixtune.serving.scheduler import pick
+
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    sink = Sink(asyncio.new_event_loop(), 8)
+    torch.manual_seed(0)
+    wide = {pick(logits, Work("generate", None, [[1]], sink, temperature=1.0, top_p=0.7), None) for _ in range(300)}
+    narrow = {pick(logits, Work("generate", None, [[1]], sink, temperature=1.0, top_p=0.4), None) for _ in range(50)}
+    top1 = {pick(logits, Work("generate", None, [[1]], sink, temperature=1.0), 1) for _ in range(50)}
+    assert wide == {0, 1} and narrow == {0} and top1 == {0}
+    assert pick(torch.tensor([0.1, 2.0, 0.3]), Work("generate", None, [[1]], sink), None) == 1
+
+
+def test_scheduler_is_chosen_where_the_model_allows_it(server):
+    from prefixtune.serving.scheduler import ContinuousBatcher, unsupported
+
+    assert isinstance(server.batcher, ContinuousBatcher) and unsupported(server.engine) is None
+    engine = server.engine
+    try:
+        engine.generation_config.repetition_penalty = 1.3
+        assert "repetition_penalty" in unsupported(engine)
+    finally:
+        engine.generation_config.repetition_penalty = None
+    engine.task = "classification"
+    try:
+        assert "not a decoder" in unsupported(engine)
+    finally:
+        engine.task = "causal_lm"

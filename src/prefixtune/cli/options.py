@@ -231,8 +231,21 @@ SERVE_OPTIONS = [
         "are visible to other users). Without one the admin endpoints are disabled.",
     ),
     Option("served_model_name", str, None, "Id of the base model in requests (default: the folder's name)."),
+    Option(
+        "scheduler",
+        str,
+        _SERVER.scheduler,
+        "How decoder requests share the model: 'continuous' (rows join and leave the running batch at every "
+        "step) or 'batch' (requests arriving within --max-wait-ms run together to the end of the longest). "
+        "Classification and encoder-decoders always batch.",
+        ("continuous", "batch"),
+    ),
     Option("max_batch_size", int, _SERVER.max_batch_size, "Rows per batch."),
     Option("max_wait_ms", float, _SERVER.max_wait_ms, "How long a request waits for others to batch with."),
+    Option("max_cache_tokens", int, _SERVER.max_cache_tokens,
+           "Continuous: KV-cache positions for all running rows (rows x the longest prompt + prefix + max_tokens); "
+           "requests beyond wait in the queue."),  # fmt: skip
+    Option("prefill_chunk", int, _SERVER.prefill_chunk, "Continuous: prompt tokens fed per decoding step."),
     Option("max_body_bytes", int, _SERVER.max_body_bytes, "Largest request body."),
     Option("max_upload_bytes", int, _SERVER.max_upload_bytes, "Largest admin upload."),
     Option("max_prompt_tokens", int, _SERVER.max_prompt_tokens, "Longest prompt."),

@@ -20,6 +20,37 @@ from prefixtune.collection import PrefixCollection, UnknownPrefixError
 from prefixtune.serving.work import Work
 
 
+def deliver(work: Work, choices: list[int], token: int, eos: set[int], decode: Callable[[list[int]], str]) -> bool:
+    """Hand a row's new token to the choices sharing the row; True when the row is finished.
+
+    A row ends on EOS, at its request's `max_tokens`, on a stop string, or when the request was
+    cancelled. The dynamic batcher's `Router` and the continuous scheduler both end rows here.
+    """
+    produced = work.tokens[choices[0]]
+    if work.cancelled:
+        return True
+    if token in eos:
+        _finish(work, choices, "stop")
+        return True
+    for c in choices:
+        if c != choices[0]:
+            work.tokens[c].append(token)
+        work.emit(("token", c, token))
+    produced.append(token)
+    if len(produced) >= work.max_tokens:
+        _finish(work, choices, "length")
+        return True
+    if work.stop and any(s in decode(produced) for s in work.stop):
+        _finish(work, choices, "stop")
+        return True
+    return False
+
+
+def _finish(work: Work, choices: list[int], reason: str) -> None:
+    for c in choices:
+        work.finish(c, reason)
+
+
 class Router(BaseStreamer, StoppingCriteria):
     """Per-step bookkeeping of one `generate` call, as both its streamer and a stopping criterion.
 
@@ -61,35 +92,15 @@ class Router(BaseStreamer, StoppingCriteria):
         for r, (tok, (work, choices)) in enumerate(zip(tokens.tolist(), self.rows, strict=True)):
             if self.done[r]:
                 continue
-            produced = work.tokens[choices[0]]
-            if work.cancelled:
-                self.done[r] = True
-            elif step <= len(produced):  # a rerun after a failed batch: this token was already sent
-                continue
-            elif tok in self.eos:
-                self._finish(r, "stop")
-            else:
-                for c in choices:
-                    if c != choices[0]:
-                        work.tokens[c].append(tok)
-                    work.emit(("token", c, tok))
-                produced.append(tok)
-                if len(produced) >= work.max_tokens:
-                    self._finish(r, "length")
-                elif work.stop and any(s in self.decode(produced) for s in work.stop):
-                    self._finish(r, "stop")
-
-    def _finish(self, row: int, reason: str) -> None:
-        work, choices = self.rows[row]
-        for c in choices:
-            work.finish(c, reason)
-        self.done[row] = True
+            if not work.cancelled and step <= len(work.tokens[choices[0]]):
+                continue  # a rerun after a failed batch: this token was already sent
+            self.done[r] = deliver(work, choices, tok, self.eos, self.decode)
 
     def close(self) -> None:
         """After `generate` returns: rows still open ran to the call's token limit, i.e. their own."""
-        for r in range(len(self.rows)):
+        for r, (work, choices) in enumerate(self.rows):
             if not self.done[r]:
-                self._finish(r, "length")
+                _finish(work, choices, "length")
 
 
 class Engine:

@@ -25,8 +25,11 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,127}")
 class Settings:
     """Limits of one server instance; each one bounds the memory or time a single request can take."""
 
+    scheduler: str = "continuous"  # decoders: "continuous" (iteration-level) or "batch" (collect, then generate)
     max_batch_size: int = 8
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 10.0  # "batch" only: how long a request waits for others
+    max_cache_tokens: int = 32768  # "continuous": rows x (longest prompt + prefix + max_tokens) in the KV cache
+    prefill_chunk: int = 256  # "continuous": prompt tokens fed per step, so a long prompt never stalls the rest
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 64 << 20
     max_prompt_tokens: int = 2048

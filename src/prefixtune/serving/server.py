@@ -21,7 +21,9 @@ from typing import Any
 
 from prefixtune import serialization, tasks
 from prefixtune.collection import PrefixCollection
+from prefixtune.errors import PrefixTuneError
 from prefixtune.model import PrefixModel
+from prefixtune.serving import scheduler
 from prefixtune.serving.batcher import Batcher
 from prefixtune.serving.engine import Engine
 from prefixtune.serving.limits import NAME_RE, RequestError, Settings
@@ -43,12 +45,25 @@ class PrefixServer:
         tokenizer("warm up")  # lets the tokenizer settle any padding/truncation state before threads share it
         self.bank = PrefixCollection(model)
         self.engine = Engine(self.bank, tokenizer, task)
-        self.batcher = Batcher(self.engine, s.max_batch_size, s.max_wait_ms, s.max_queue)
+        self.batcher = self._batcher(s)
         self.folder = PrefixFolder(prefixes_dir, self.bank, base_id)
         self.folder.sync()
         self.vocab = model.get_input_embeddings().num_embeddings
         self.max_positions = tasks.max_positions(model)
         self.created = int(time.time())
+
+    def _batcher(self, s: Settings) -> Batcher:
+        """The continuous scheduler where the model allows it and it is asked for, else the dynamic batcher."""
+        if s.scheduler not in ("continuous", "batch"):
+            raise PrefixTuneError(f"scheduler must be 'continuous' or 'batch', got {s.scheduler!r}")
+        why = scheduler.unsupported(self.engine) if s.scheduler == "continuous" else "it was asked for"
+        if why is None:
+            log.info("scheduling: continuous batching (up to %d rows, %d cache positions)",
+                     s.max_batch_size, s.max_cache_tokens)  # fmt: skip
+            return scheduler.ContinuousBatcher(self.engine, s.max_batch_size, s.max_queue, s.max_cache_tokens,
+                                               s.prefill_chunk)  # fmt: skip
+        log.info("scheduling: dynamic batches (collected for %g ms) because %s", s.max_wait_ms, why)
+        return Batcher(self.engine, s.max_batch_size, s.max_wait_ms, s.max_queue)
 
     # ------------------------------------------------------------------------------ names
     async def lookup(self, name: str, purpose: str) -> str | None:

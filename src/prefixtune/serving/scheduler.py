@@ -1,0 +1,378 @@
+"""Continuous batching for decoders: the running batch is re-formed at every decoding step.
+
+Why: the dynamic batcher (`batcher.py`) runs a group with `generate` to the end of its longest row,
+so a request that arrives meanwhile waits for the whole group and a short row waits for the longest.
+Here a request joins the running batch as soon as its prompt is in the cache, and a finished row
+leaves at once (iteration-level scheduling, as in Orca and vLLM). Each row keeps its own prefix,
+sampling settings and stop rules.
+
+Why not transformers' own continuous-batching engine: it runs only its stock attention functions
+(sdpa, paged eager, flash), so prefixtune's registered function can enter it only through its
+private request bookkeeping, and its block sharing keys cache blocks by token ids alone, which
+would share keys/values between rows with different prefixes. So this drives the model's own
+forward with a `DynamicCache` whose rows are added (left-padded to one length) and dropped
+(`batch_select_indices`); the prefixes enter through the same `PrefixState` a mixed batch uses,
+built from each prefix's keys/values computed once and shared by every row that names it.
+
+Each iteration: run jobs (prefix loading) and classification requests (one forward, batched as
+before), feed at most `prefill_chunk` prompt tokens of the joining rows (a long prompt is fed over
+several iterations, so it never stalls the running rows for long), then one decoding step for
+every running row.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from prefixtune.core import attention, batching
+from prefixtune.core.batching import PrefixInputs
+from prefixtune.serving.batcher import Batcher, Job
+from prefixtune.serving.engine import Engine, deliver
+from prefixtune.serving.limits import RequestError
+from prefixtune.serving.work import Work
+
+log = logging.getLogger("prefixtune.server")
+
+# Generation-config fields that would make `generate` pick other tokens than plain argmax/sampling.
+_PROCESSORS = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length", "min_new_tokens",
+               "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+               "sequence_bias", "encoder_repetition_penalty")  # fmt: skip
+_NEUTRAL = (None, 0, 1.0, [], False)
+
+
+def unsupported(engine: Engine) -> str | None:
+    """Why continuous batching cannot serve this model, or None when it can."""
+    model = engine.bank.base_model
+    if engine.task != "causal_lm":
+        return f"the model is a {engine.task} model, not a decoder"
+    kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"its layers use {sorted(kinds)} attention; the scheduler's cache holds full attention only"
+    config = engine.generation_config
+    used = [k for k in _PROCESSORS if getattr(config, k, None) not in _NEUTRAL]
+    if used:
+        return f"its generation config sets {used}, which the scheduler does not apply"
+    return None
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence being generated: a greedy prompt (its n choices share it) or one sampled choice."""
+
+    work: Work
+    choices: list[int]
+    prompt: list[int]
+    inputs: PrefixInputs | None  # what its prefix adds; None: the bare model
+    cache: DynamicCache | None = None  # its own cache while its prompt is fed
+    fed: int = 0
+    token: int = 0  # the token it feeds at the next step
+    retried: bool = False  # re-fed once after a failed shared step
+
+    def refed(self) -> Row:
+        """The row again from scratch, its tokens so far now part of its prompt (greedy continues exactly)."""
+        produced = self.work.tokens[self.choices[0]]
+        return Row(self.work, self.choices, [*self.prompt, *produced], self.inputs, retried=True)
+
+    @property
+    def reserved(self) -> int:
+        """Cache positions this row may come to hold."""
+        plen = 0 if self.inputs is None or self.inputs.kv is None else self.inputs.kv[0][0].shape[2]
+        return len(self.prompt) + self.work.max_tokens + plen
+
+
+def _state(slots: dict, rows: list[Row]) -> attention.PrefixState | None:
+    """The attention state of `rows` as one batch: each row with its own prefix, or none."""
+    by_prefix: dict[int, tuple[list[int], PrefixInputs]] = {}
+    for i, row in enumerate(rows):
+        if row.inputs is not None:
+            by_prefix.setdefault(id(row.inputs), ([], row.inputs))[0].append(i)
+    if not by_prefix:
+        return None
+    groups = [(None if len(ix) == len(rows) else torch.tensor(ix), inputs) for ix, inputs in by_prefix.values()]
+    return batching.build_state(slots, groups, len(rows))
+
+
+def _left_pad(cache: DynamicCache, n: int) -> None:
+    if n:
+        for layer in cache.layers:
+            pad = layer.keys.new_zeros(*layer.keys.shape[:2], n, layer.keys.shape[3])
+            layer.keys, layer.values = torch.cat([pad, layer.keys], 2), torch.cat([pad, layer.values], 2)
+
+
+class RunningBatch:
+    """The rows decoding together: one left-padded cache, its padding mask and their prefix state."""
+
+    def __init__(self, model: Any, slots: dict):
+        self.model = model
+        self.slots = slots
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.state: attention.PrefixState | None = None
+
+    def forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+        """Last-position logits of one step; positions count each row's real tokens (the hooks add P)."""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        state = self.state if rows is self.rows else _state(self.slots, rows)
+        with torch.no_grad(), attention.activate(state) if state is not None else contextlib.nullcontext():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return out.logits[:, -1].float()
+
+    def feed(self, row: Row, budget: int) -> torch.Tensor | None:
+        """Feed up to `budget` more prompt tokens of a joining row; its logits once the prompt is in."""
+        if row.cache is None:
+            row.cache = DynamicCache(config=self.model.config)
+        piece = row.prompt[row.fed : row.fed + budget]
+        row.fed += len(piece)
+        device = next(self.model.parameters()).device
+        mask = torch.ones(1, row.fed, dtype=torch.long, device=device)
+        logits = self.forward([row], torch.tensor([piece], device=device), mask, row.cache)
+        return logits[0] if row.fed == len(row.prompt) else None
+
+    def add(self, row: Row) -> None:
+        """Join a fed row: the shorter of it and the batch is left-padded, then the caches are stacked."""
+        cache, row.cache = row.cache, None
+        n = cache.get_seq_length()
+        row_mask = torch.ones(1, n, dtype=torch.long, device=self.mask.device)
+        if self.cache is None:
+            self.cache, self.mask = cache, row_mask
+        else:
+            width = self.mask.shape[1]
+            _left_pad(self.cache, max(0, n - width))
+            _left_pad(cache, max(0, width - n))
+            pad = abs(n - width)
+            if n > width:
+                self.mask = torch.cat([self.mask.new_zeros(len(self.rows), pad), self.mask], 1)
+            else:
+                row_mask = torch.cat([row_mask.new_zeros(1, pad), row_mask], 1)
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+            self.mask = torch.cat([self.mask, row_mask])
+        self.rows.append(row)
+        self.state = _state(self.slots, self.rows)
+
+    def keep(self, keep: list[int]) -> None:
+        """Drop every row not in `keep`, and the padding columns no remaining row needs."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.mask, self.state = None, self.mask.new_zeros(0, 0), None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        dead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding columns on the left
+        if dead:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
+            self.mask = self.mask[:, dead:]
+        self.state = _state(self.slots, self.rows)
+
+    def step(self) -> torch.Tensor:
+        """One decoding step for every running row: `[B, vocab]` logits."""
+        device = self.mask.device
+        ids = torch.tensor([[r.token] for r in self.rows], device=device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
+        return self.forward(self.rows, ids, self.mask, self.cache)
+
+
+def pick(logits: torch.Tensor, work: Work, top_k: int | None) -> int:
+    """The next token: argmax for greedy rows; temperature, top-k and top-p sampling otherwise."""
+    if not work.sampled:
+        return int(logits.argmax())
+    scores = logits / work.temperature
+    if top_k:
+        kth = scores.topk(min(top_k, scores.shape[-1])).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(-1)
+    if work.top_p < 1.0:
+        ordered, order = probs.sort(descending=True)
+        drop = ordered.cumsum(-1) - ordered > work.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order, ordered.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1))
+
+
+class ContinuousBatcher(Batcher):
+    """The batcher's queue, jobs and limits, with iteration-level scheduling of decoder requests.
+
+    `max_batch_size` bounds the running rows; `max_cache_tokens` bounds the cache (rows x the longest
+    row's prompt + prefix + max_tokens); requests beyond either wait in the queue, and a full queue
+    still answers 503. `prefill_chunk` bounds the prompt tokens fed per iteration."""
+
+    def __init__(self, engine: Engine, max_batch_size: int = 8, max_queue: int = 1024,
+                 max_cache_tokens: int = 32768, prefill_chunk: int = 256, prefix_cache: int = 256):  # fmt: skip
+        super().__init__(engine, max_batch_size, 0.0, max_queue)
+        self.batch = RunningBatch(engine.bank.base_model, {})  # its slots come with the first prefix
+        self.max_cache_tokens = max_cache_tokens
+        self.prefill_chunk = prefill_chunk
+        self.joining: collections.deque[Row] = collections.deque()
+        self.backlog: collections.deque[Work] = collections.deque()
+        self.prefix_cache_size = prefix_cache
+        self._inputs: collections.OrderedDict[str, tuple[Any, PrefixInputs]] = collections.OrderedDict()
+        self.top_k = getattr(engine.generation_config, "top_k", None)
+
+    # ------------------------------------------------------------------------------ the worker
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            busy = bool(self.joining or self.batch.rows)
+            classify = self._take(wait=0.0 if busy or self.backlog else 0.25)
+            if classify:
+                self._run_batch(classify)
+            self._admit()
+            self._prefill()
+            try:
+                self._decode()
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything one step does
+                self._recover(exc)
+
+    def _take(self, wait: float) -> list[Work]:
+        """Everything queued now (waiting up to `wait` for a first item): jobs run, requests are held."""
+        classify: list[Work] = []
+        item = self._carry.popleft() if self._carry else self._get(wait)
+        while item is not None:
+            if isinstance(item, Job):
+                item.run()
+            elif isinstance(item, Work):
+                if item.kind == "generate":
+                    self.backlog.append(item)
+                else:
+                    with self._count_lock:
+                        self._waiting -= 1
+                    classify.append(item)
+            item = self._carry.popleft() if self._carry else self._get(0)
+        return classify
+
+    def _prefix_inputs(self, name: str | None) -> PrefixInputs | None:
+        """A prefix's keys/values, computed once per loaded prefix and shared by its rows (LRU-bounded)."""
+        if name is None:
+            return None
+        member = self.engine.bank[name]
+        cached = self._inputs.get(name)
+        if cached is None or cached[0] is not member:
+            with torch.no_grad():
+                cached = (member, member.inputs())
+            self._inputs[name] = cached
+            self.batch.slots = member.slots  # the same attention modules for every prefix of this model
+            while len(self._inputs) > self.prefix_cache_size:
+                self._inputs.popitem(last=False)
+        self._inputs.move_to_end(name)
+        return cached[1]
+
+    def _rows_of(self, work: Work) -> list[Row]:
+        inputs = self._prefix_inputs(work.prefix)
+        rows = []
+        for i, ids in enumerate(work.prompts):
+            choices = [i * work.n + j for j in range(work.n)]
+            for group in [[c] for c in choices] if work.sampled else [choices]:
+                rows.append(Row(work, group, ids, inputs))
+        return rows
+
+    def _admit(self) -> None:
+        """Move queued requests into the joining rows while rows and cache room allow, oldest first."""
+        while self.backlog:
+            work = self.backlog[0]
+            if work.cancelled or work.closed:
+                self.backlog.popleft()
+                self._taken()
+                self.stats["cancelled"] += work.cancelled  # dropped before it cost a step
+                continue
+            try:
+                rows = self._rows_of(work)
+            except Exception as exc:  # noqa: BLE001 - an unknown or broken prefix fails its request only
+                self.backlog.popleft()
+                self._taken()
+                self._fail(work, exc)
+                continue
+            running = [*self.batch.rows, *self.joining]
+            count = len(running) + len(rows)
+            widest = max(r.reserved for r in [*running, *rows])
+            if running and (count > self.max_batch_size or count * widest > self.max_cache_tokens):
+                return
+            self.backlog.popleft()
+            self._taken()
+            self.joining.extend(rows)
+            self.stats["requests"] += 1
+
+    def _taken(self) -> None:
+        with self._count_lock:
+            self._waiting -= 1
+
+    def _prefill(self) -> None:
+        """Feed up to `prefill_chunk` prompt tokens of the joining rows, oldest first."""
+        budget = self.prefill_chunk
+        while self.joining and budget > 0:
+            row = self.joining[0]
+            if row.work.cancelled or row.work.closed:
+                self.joining.popleft()
+                continue
+            before = row.fed
+            try:
+                logits = self.batch.feed(row, budget)
+            except Exception as exc:  # noqa: BLE001 - a row's own prompt or prefix failing fails its request only
+                self.joining.popleft()
+                self._fail(row.work, exc)
+                continue
+            budget -= row.fed - before
+            if logits is None:
+                return
+            self.joining.popleft()
+            if self.batch.rows:
+                self.stats["joined_running"] += 1  # joined a batch that was already decoding
+            row.token = pick(logits, row.work, self.top_k)
+            if not deliver(row.work, row.choices, row.token, self.engine.eos, self.engine.decode):
+                self.batch.add(row)
+
+    def _recover(self, exc: Exception) -> None:
+        """After a failed shared step: each row is fed again alone, so a row that fails by itself fails
+        alone; a row already re-fed once is answered with the error (a step failing for every batch)."""
+        log.warning("a decoding step of %d rows failed (%s: %s); feeding them again one by one",
+                    len(self.batch.rows), type(exc).__name__, exc)  # fmt: skip
+        self.stats["reruns"] += 1
+        again = []
+        for row in self.batch.rows:
+            if row.retried:
+                self._fail(row.work, exc)
+            else:
+                again.append(row.refed())
+        self.batch.keep([])
+        self.joining.extendleft(reversed(again))
+
+    def _fail(self, work: Work, exc: Exception) -> None:
+        if not work.closed:
+            self.stats["failed"] += 1
+            log.error("request failed: %s: %s", type(exc).__name__, exc)
+        work.fail(exc)
+
+    def _decode(self) -> None:
+        batch = self.batch
+        if not batch.rows:
+            return
+        live = [i for i, r in enumerate(batch.rows) if not (r.work.cancelled or r.work.closed)]
+        batch.keep(live)
+        if not batch.rows:
+            return
+        logits = batch.step()
+        self.stats["steps"] += 1
+        self.stats["rows"] += len(batch.rows)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(batch.rows))
+        keep = []
+        for i, row in enumerate(batch.rows):
+            row.token = pick(logits[i], row.work, self.top_k)
+            if not deliver(row.work, row.choices, row.token, self.engine.eos, self.engine.decode):
+                keep.append(i)
+        batch.keep(keep)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        super().stop(timeout)
+        rows = [*self.batch.rows, *self.joining]
+        for work in [*self.backlog, *(r.work for r in rows)]:
+            work.fail(RequestError(503, "server shutting down", "server_error"))
