@@ -4,8 +4,10 @@
     - one mixed batch of 8 rows with 8 different prefixes,
     - the same batch with one prefix for every row (target: mixed >= 0.95 x its throughput),
     - 8 sequential single-row batches, one per prefix (target: mixed >= 3 x faster).
-(b) The live server (`prefixtune.serving`, 4 prefixes + the base model, greedy completions through
-    the official openai client): requests/s and p50/p95 latency at 1, 4 and 16 concurrent clients.
+(b) The live server (`prefixtune.serving`, 4 prefixes + the base model, streamed greedy completions
+    through the official openai client, max_tokens drawn from 8-64 per request), once with the
+    dynamic batcher and once with continuous batching: requests/s, tokens/s, p50/p95 latency and
+    time to first token at 1, 4 and 16 concurrent clients.
 
     python -m benchmarks.serving [--quick] [--out benchmarks/results/serving.json]
 """
@@ -16,6 +18,7 @@ import argparse
 import concurrent.futures
 import json
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -77,7 +80,9 @@ def generation(path: str, new_tokens: int, prefix_len: int, repeats: int) -> dic
     }
 
 
-def server_load(path: str, max_tokens: int, prefix_len: int, requests: dict[int, int]) -> dict:
+def server_load(path: str, scheduler: str, max_tokens: tuple[int, int], prefix_len: int,
+                requests: dict[int, int]) -> dict:  # fmt: skip
+    """Streamed greedy completions from 1, 4 and 16 clients: mixed prefixes, seeded max_tokens in a range."""
     import httpx
     import openai
 
@@ -89,66 +94,65 @@ def server_load(path: str, max_tokens: int, prefix_len: int, requests: dict[int,
             attach(model, num_virtual_tokens=prefix_len, init="random", seed=i).save_pretrained(Path(tmp) / name)
             models.append(name)
         del model
-        app = create_app(
-            path,
-            tmp,
-            served_model_name="smollm2",
-            max_batch_size=16,
-            max_wait_ms=10,
-            max_tokens_limit=max_tokens,
-            reload_interval_s=None,
-        )
-        results = {}
+        app = create_app(path, tmp, served_model_name="smollm2", scheduler=scheduler, max_batch_size=16,
+                         max_wait_ms=10, max_tokens_limit=max_tokens[1], reload_interval_s=None)  # fmt: skip
+        results = {"scheduler": type(app.state.prefixtune.batcher).__name__}
         with running(app, log_level="warning") as url:
-            client = openai.OpenAI(
-                base_url=f"{url}/v1",
-                api_key="unused",
-                max_retries=0,
-                timeout=600,
-                http_client=httpx.Client(limits=httpx.Limits(keepalive_expiry=1)),
-            )
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600,
+                                   http_client=httpx.Client(limits=httpx.Limits(keepalive_expiry=1)))  # fmt: skip
 
-            def one(i: int) -> float:
+            def one(i: int) -> tuple[float, float, int]:
                 start = time.perf_counter()
-                out = client.completions.create(
-                    model=models[i % len(models)],
-                    prompt=PROMPTS[i % len(PROMPTS)],
-                    max_tokens=max_tokens,
-                    temperature=0,
-                )
-                assert out.choices[0].finish_reason in ("stop", "length")
-                return time.perf_counter() - start
+                first, tokens = None, 0
+                stream = client.completions.create(
+                    model=models[i % len(models)], prompt=PROMPTS[i % len(PROMPTS)], temperature=0, stream=True,
+                    max_tokens=random.Random(i).randint(*max_tokens), stream_options={"include_usage": True},
+                )  # fmt: skip
+                for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].text:
+                        first = time.perf_counter() - start
+                    if chunk.usage is not None:
+                        tokens = chunk.usage.completion_tokens
+                return time.perf_counter() - start, first if first is not None else float("nan"), tokens
 
             one(0)  # warm-up
             for clients, count in requests.items():
                 start = time.perf_counter()
                 with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-                    latencies = list(pool.map(one, range(count)))
+                    done = list(pool.map(one, range(count)))
                 wall = time.perf_counter() - start
+                latencies, firsts = [d[0] for d in done], [d[1] for d in done]
                 results[str(clients)] = {
                     "requests": count,
                     "requests_per_s": count / wall,
+                    "tokens_per_s": sum(d[2] for d in done) / wall,
                     "p50_s": percentile(latencies, 50),
                     "p95_s": percentile(latencies, 95),
+                    "ttft_p50_s": percentile(firsts, 50),
+                    "ttft_p95_s": percentile(firsts, 95),
                 }
     return results
 
 
 def table(result: dict) -> str:
-    gen, srv = result["generation"], result["server"]
+    gen = result["generation"]
     lines = ["| generation (8 rows) | tokens/s |", "| --- | --- |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in gen["tokens_per_s"].items()]
     lines += [
         f"| mixed / one-prefix throughput | {gen['mixed_vs_single_throughput']:.2f} x (target >= 0.95) |",
         f"| mixed vs sequential | {gen['mixed_speedup_vs_sequential']:.2f} x faster (target >= 3) |",
         "",
-        "| concurrent clients | requests | requests/s | p50 latency (s) | p95 latency (s) |",
-        "| --- | --- | --- | --- | --- |",
+        "| scheduler | clients | requests | requests/s | tokens/s | p50 latency (s) | p95 latency (s) "
+        "| first token p50 (s) | first token p95 (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    lines += [
-        f"| {c} | {r['requests']} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} |"
-        for c, r in srv.items()
-    ]
+    for scheduler, runs in result["server"].items():
+        lines += [
+            f"| {scheduler} | {c} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} "
+            f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |"
+            for c, r in runs.items()
+            if c != "scheduler"
+        ]
     return "\n".join(lines)
 
 
@@ -157,12 +161,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test of the script")
     parser.add_argument("--out", default="benchmarks/results/serving.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--parts", default="generation,server", help="generation, server or both; a part left out "
+                        "keeps its figures from --out")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = smollm2_path()
     new_tokens, repeats, prefix_len = (4, 1, 16) if args.quick else (32, 3, 16)
     requests = {1: 2, 4: 4, 16: 16} if args.quick else {1: 16, 4: 32, 16: 64}
+    max_tokens = (2, 6) if args.quick else (8, 64)
+    parts = args.parts.split(",")
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     result = {
         "setup": {
             "model": "SmolLM2-135M-Instruct",
@@ -172,9 +181,12 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": repeats,
             "threads": torch.get_num_threads(),
             "quick": args.quick,
+            "server_max_tokens": list(max_tokens),
         },
-        "generation": generation(path, new_tokens, prefix_len, repeats),
-        "server": server_load(path, new_tokens, prefix_len, requests),
+        "generation": generation(path, new_tokens, prefix_len, repeats) if "generation" in parts else old["generation"],
+        "server": {  # the dynamic batcher first, then continuous batching, same requests
+            s: server_load(path, s, max_tokens, prefix_len, requests) for s in ("batch", "continuous")
+        } if "server" in parts else old["server"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

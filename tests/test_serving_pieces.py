@@ -144,11 +144,16 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone()
     def join(key: str) -> None:
         ids, name, _ = prompts[key]
         row = Row(work=key, choices=[0], prompt=ids, inputs=None if name is None else bank[name].inputs())
-        while (logits := batch.feed(row, 4)) is None:  # chunked: four prompt tokens at a time
-            pass
+        if key == "a":  # a short prompt: one prefill forward
+            logits, cache, mask = batch.prefill([row])
+            logits = logits[0]
+        else:  # chunked: four prompt tokens at a time
+            while (logits := batch.feed(row, 4)) is None:
+                pass
+            cache, mask = row.cache, torch.ones(1, len(ids), dtype=torch.long)
         row.token = int(logits.argmax())
         got[key] = [row.token]
-        batch.add(row)
+        batch.add([row], cache, mask)
 
     def step() -> None:
         logits = batch.step()

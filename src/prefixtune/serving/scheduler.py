@@ -74,6 +74,7 @@ class Row:
     fed: int = 0
     token: int = 0  # the token it feeds at the next step
     retried: bool = False  # re-fed once after a failed shared step
+    alone: bool = False  # fed by itself: its group's prefill failed
 
     def refed(self) -> Row:
         """The row again from scratch, its tokens so far now part of its prompt (greedy continues exactly)."""
@@ -114,7 +115,8 @@ class RunningBatch:
         self.slots = slots
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.device = next(model.parameters()).device
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.state: attention.PrefixState | None = None
 
     def forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -126,37 +128,43 @@ class RunningBatch:
         return out.logits[:, -1].float()
 
     def feed(self, row: Row, budget: int) -> torch.Tensor | None:
-        """Feed up to `budget` more prompt tokens of a joining row; its logits once the prompt is in."""
+        """Feed up to `budget` more prompt tokens of a long prompt; its logits once the prompt is in."""
         if row.cache is None:
             row.cache = DynamicCache(config=self.model.config)
         piece = row.prompt[row.fed : row.fed + budget]
         row.fed += len(piece)
-        device = next(self.model.parameters()).device
-        mask = torch.ones(1, row.fed, dtype=torch.long, device=device)
-        logits = self.forward([row], torch.tensor([piece], device=device), mask, row.cache)
+        mask = torch.ones(1, row.fed, dtype=torch.long, device=self.device)
+        logits = self.forward([row], torch.tensor([piece], device=self.device), mask, row.cache)
         return logits[0] if row.fed == len(row.prompt) else None
 
-    def add(self, row: Row) -> None:
-        """Join a fed row: the shorter of it and the batch is left-padded, then the caches are stacked."""
-        cache, row.cache = row.cache, None
-        n = cache.get_seq_length()
-        row_mask = torch.ones(1, n, dtype=torch.long, device=self.mask.device)
+    def prefill(self, rows: list[Row]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Whole prompts of several rows in one forward, left-padded: logits, cache and padding mask."""
+        width = max(len(r.prompt) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
+            mask[i, width - len(row.prompt) :] = 1
+            row.fed = len(row.prompt)
+        cache = DynamicCache(config=self.model.config)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self.forward(rows, ids, mask, cache), cache, mask
+
+    def add(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Join fed rows: the narrower of them and the batch is left-padded, then caches and masks stacked."""
         if self.cache is None:
-            self.cache, self.mask = cache, row_mask
+            self.cache, self.mask = cache, mask
         else:
-            width = self.mask.shape[1]
+            width, n = self.mask.shape[1], mask.shape[1]
             _left_pad(self.cache, max(0, n - width))
             _left_pad(cache, max(0, width - n))
-            pad = abs(n - width)
-            if n > width:
-                self.mask = torch.cat([self.mask.new_zeros(len(self.rows), pad), self.mask], 1)
-            else:
-                row_mask = torch.cat([row_mask.new_zeros(1, pad), row_mask], 1)
+            self.mask = torch.cat([self.mask.new_zeros(len(self.rows), max(0, n - width)), self.mask], 1)
+            mask = torch.cat([mask.new_zeros(len(rows), max(0, width - n)), mask], 1)
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
-            self.mask = torch.cat([self.mask, row_mask])
-        self.rows.append(row)
+            self.mask = torch.cat([self.mask, mask])
+        self.rows.extend(rows)
         self.state = _state(self.slots, self.rows)
 
     def keep(self, keep: list[int]) -> None:
@@ -179,8 +187,7 @@ class RunningBatch:
 
     def step(self) -> torch.Tensor:
         """One decoding step for every running row: `[B, vocab]` logits."""
-        device = self.mask.device
-        ids = torch.tensor([[r.token] for r in self.rows], device=device)
+        ids = torch.tensor([[r.token] for r in self.rows], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
         return self.forward(self.rows, ids, self.mask, self.cache)
 
@@ -307,29 +314,67 @@ class ContinuousBatcher(Batcher):
             self._waiting -= 1
 
     def _prefill(self) -> None:
-        """Feed up to `prefill_chunk` prompt tokens of the joining rows, oldest first."""
+        """Feed up to `prefill_chunk` prompt tokens of the joining rows, oldest first: short prompts
+        together in one forward, a longer one alone in chunks over several iterations."""
         budget = self.prefill_chunk
         while self.joining and budget > 0:
-            row = self.joining[0]
-            if row.work.cancelled or row.work.closed:
+            head = self.joining[0]
+            if head.work.cancelled or head.work.closed:
                 self.joining.popleft()
-                continue
-            before = row.fed
-            try:
-                logits = self.batch.feed(row, budget)
-            except Exception as exc:  # noqa: BLE001 - a row's own prompt or prefix failing fails its request only
-                self.joining.popleft()
-                self._fail(row.work, exc)
-                continue
-            budget -= row.fed - before
-            if logits is None:
-                return
+            elif head.fed or head.alone or len(head.prompt) > self.prefill_chunk:
+                budget = self._feed_alone(head, budget)
+            elif len(head.prompt) > budget:
+                return  # it fits a later iteration's budget whole
+            else:
+                group = []
+                while self.joining and self._fresh(self.joining[0]) and len(self.joining[0].prompt) <= budget:
+                    group.append(self.joining.popleft())
+                    budget -= len(group[-1].prompt)
+                self._join_group(group)
+
+    def _fresh(self, row: Row) -> bool:
+        """A short prompt not fed yet, which can share a prefill forward with others."""
+        return not (row.fed or row.alone or len(row.prompt) > self.prefill_chunk or row.work.closed)
+
+    def _join_group(self, rows: list[Row]) -> None:
+        try:
+            logits, cache, mask = self.batch.prefill(rows)
+        except Exception:  # noqa: BLE001 - find the row at fault: each is fed again alone
+            for row in reversed(rows):
+                row.fed, row.alone = 0, True
+                self.joining.appendleft(row)
+            return
+        self._joined(rows, logits, cache, mask)
+
+    def _feed_alone(self, row: Row, budget: int) -> int:
+        before = row.fed
+        try:
+            logits = self.batch.feed(row, budget)
+        except Exception as exc:  # noqa: BLE001 - a row's own prompt or prefix failing fails its request only
             self.joining.popleft()
-            if self.batch.rows:
-                self.stats["joined_running"] += 1  # joined a batch that was already decoding
-            row.token = pick(logits, row.work, self.top_k)
+            self._fail(row.work, exc)
+            return budget
+        if logits is not None:
+            self.joining.popleft()
+            cache, row.cache = row.cache, None
+            self._joined([row], logits[None], cache, torch.ones(1, row.fed, dtype=torch.long, device=logits.device))
+        return budget - (row.fed - before)
+
+    def _joined(self, rows: list[Row], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Hand fed rows their first token; those not finished by it join the running batch."""
+        keep = []
+        for i, row in enumerate(rows):
+            row.token = pick(logits[i], row.work, self.top_k)
             if not deliver(row.work, row.choices, row.token, self.engine.eos, self.engine.decode):
-                self.batch.add(row)
+                keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            cache.batch_select_indices(torch.tensor(keep, device=mask.device))
+            mask = mask[keep]
+        if self.batch.rows:
+            self.stats["joined_running"] += len(keep)  # joined a batch that was already decoding
+        self.batch.add([rows[i] for i in keep], cache, mask)
 
     def _recover(self, exc: Exception) -> None:
         """After a failed shared step: each row is fed again alone, so a row that fails by itself fails
