@@ -5,7 +5,8 @@
     - the same batch with one prefix for every row (target: mixed >= 0.95 x its throughput),
     - 8 sequential single-row batches, one per prefix (target: mixed >= 3 x faster).
 (b) The live server (`prefixtune.serving`, 4 prefixes + the base model, streamed greedy completions
-    through the official openai client, max_tokens drawn from 8-64 per request), once with the
+    through the official openai client, one process per client, max_tokens drawn from 8-64 per
+    request), once with the
     dynamic batcher and once with continuous batching: requests/s, tokens/s, p50/p95 latency and
     time to first token at 1, 4 and 16 concurrent clients.
 
@@ -18,6 +19,7 @@ import argparse
 import concurrent.futures
 import json
 import math
+import multiprocessing
 import random
 import statistics
 import tempfile
@@ -80,12 +82,38 @@ def generation(path: str, new_tokens: int, prefix_len: int, repeats: int) -> dic
     }
 
 
-def server_load(path: str, scheduler: str, max_tokens: tuple[int, int], prefix_len: int,
-                requests: dict[int, int]) -> dict:  # fmt: skip
-    """Streamed greedy completions from 1, 4 and 16 clients: mixed prefixes, seeded max_tokens in a range."""
+_client = None
+
+
+def _connect(url: str) -> None:
+    """A client process's one OpenAI client (clients run in their own processes, as real clients do,
+    so parsing their streams does not share the server process's interpreter lock)."""
+    global _client
     import httpx
     import openai
 
+    _client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600,
+                            http_client=httpx.Client(limits=httpx.Limits(keepalive_expiry=1)))  # fmt: skip
+
+
+def _request(job: tuple[str, str, int]) -> tuple[float, float, int]:
+    """One streamed greedy completion: (latency, time to first token, completion tokens)."""
+    model, prompt, max_tokens = job
+    start = time.perf_counter()
+    first, tokens = None, 0
+    stream = _client.completions.create(model=model, prompt=prompt, temperature=0, stream=True,
+                                        max_tokens=max_tokens, stream_options={"include_usage": True})  # fmt: skip
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].text:
+            first = time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return time.perf_counter() - start, first if first is not None else float("nan"), tokens
+
+
+def server_load(path: str, scheduler: str, max_tokens: tuple[int, int], prefix_len: int,
+                requests: dict[int, int]) -> dict:  # fmt: skip
+    """Streamed greedy completions from 1, 4 and 16 client processes: mixed prefixes, seeded max_tokens."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp:
         models = ["smollm2"]
@@ -97,31 +125,22 @@ def server_load(path: str, scheduler: str, max_tokens: tuple[int, int], prefix_l
         app = create_app(path, tmp, served_model_name="smollm2", scheduler=scheduler, max_batch_size=16,
                          max_wait_ms=10, max_tokens_limit=max_tokens[1], reload_interval_s=None)  # fmt: skip
         results = {"scheduler": type(app.state.prefixtune.batcher).__name__}
+
+        def job(i: int) -> tuple[str, str, int]:
+            return models[i % len(models)], PROMPTS[i % len(PROMPTS)], random.Random(i).randint(*max_tokens)
+
+        spawn = multiprocessing.get_context("spawn")
         with running(app, log_level="warning") as url:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600,
-                                   http_client=httpx.Client(limits=httpx.Limits(keepalive_expiry=1)))  # fmt: skip
-
-            def one(i: int) -> tuple[float, float, int]:
-                start = time.perf_counter()
-                first, tokens = None, 0
-                stream = client.completions.create(
-                    model=models[i % len(models)], prompt=PROMPTS[i % len(PROMPTS)], temperature=0, stream=True,
-                    max_tokens=random.Random(i).randint(*max_tokens), stream_options={"include_usage": True},
-                )  # fmt: skip
-                for chunk in stream:
-                    if first is None and chunk.choices and chunk.choices[0].text:
-                        first = time.perf_counter() - start
-                    if chunk.usage is not None:
-                        tokens = chunk.usage.completion_tokens
-                return time.perf_counter() - start, first if first is not None else float("nan"), tokens
-
-            one(0)  # warm-up
             for clients, count in requests.items():
-                start = time.perf_counter()
-                with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-                    done = list(pool.map(one, range(count)))
-                wall = time.perf_counter() - start
+                with concurrent.futures.ProcessPoolExecutor(clients, spawn, _connect, (url,)) as pool:
+                    list(pool.map(_request, [job(0)] * clients))  # warm-up: every client connected once
+                    start = time.perf_counter()
+                    done = list(pool.map(_request, [job(i) for i in range(count)]))
+                    wall = time.perf_counter() - start
                 latencies, firsts = [d[0] for d in done], [d[1] for d in done]
+                stats = app.state.prefixtune.batcher.stats
+                calls = stats["steps"] + stats["batches"] - (before := results.get("_calls", 0))
+                results["_calls"] = before + calls
                 results[str(clients)] = {
                     "requests": count,
                     "requests_per_s": count / wall,
@@ -130,7 +149,10 @@ def server_load(path: str, scheduler: str, max_tokens: tuple[int, int], prefix_l
                     "p95_s": percentile(latencies, 95),
                     "ttft_p50_s": percentile(firsts, 50),
                     "ttft_p95_s": percentile(firsts, 95),
+                    "model_calls_per_s": calls / wall,  # decoding steps (continuous) or generate calls (batch)
                 }
+        results.pop("_calls")
+        results["stats"] = dict(app.state.prefixtune.batcher.stats)
     return results
 
 
@@ -151,7 +173,7 @@ def table(result: dict) -> str:
             f"| {scheduler} | {c} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} "
             f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} |"
             for c, r in runs.items()
-            if c != "scheduler"
+            if c not in ("scheduler", "stats")
         ]
     return "\n".join(lines)
 

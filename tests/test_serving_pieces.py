@@ -120,7 +120,8 @@ def test_the_batcher_gathers_what_fits_and_defers_the_rest_in_order():
 # ------------------------------------------------------------------------------------- continuous batching
 def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone():
     """Rows of different lengths and prefixes join a decoding batch (padding either side) and leave it
-    (trimming padding); every row's greedy tokens equal `PrefixCollection.generate` of that row alone."""
+    (trimming padding); every row's greedy tokens equal `PrefixCollection.generate` of that row alone,
+    whether its prefix sits at the front of its cache rows or, covering some layers only, in the state."""
     import torch
 
     from prefixtune import attach
@@ -132,7 +133,9 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone()
     bank = PrefixCollection(model)
     bank.add("p2", attach(model, num_virtual_tokens=2, init="random", seed=1))
     bank.add("p5", attach(model, method="prompt", num_virtual_tokens=5, init="random", seed=2))
-    prompts = {"a": ([5, 6, 7], "p2", 6), "b": ([8, 9, 10, 11, 12, 13, 14], None, 9), "c": ([15] * 11, "p5", 5)}
+    bank.add("top", attach(model, num_virtual_tokens=3, init="random", seed=3, layers=[1]))  # not in the cache
+    prompts = {"a": ([5, 6, 7], "p2", 6), "b": ([8, 9, 10, 11, 12, 13, 14], None, 9), "c": ([15] * 11, "p5", 5),
+               "d": ([16, 17], "top", 7)}  # fmt: skip
     expected = {}
     for key, (ids, name, steps) in prompts.items():
         out = bank.generate([name], input_ids=torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
@@ -144,7 +147,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone()
     def join(key: str) -> None:
         ids, name, _ = prompts[key]
         row = Row(work=key, choices=[0], prompt=ids, inputs=None if name is None else bank[name].inputs())
-        if key == "a":  # a short prompt: one prefill forward
+        if key in ("a", "d"):  # a short prompt: one prefill forward
             logits, cache, mask = batch.prefill([row])
             logits = logits[0]
         else:  # chunked: four prompt tokens at a time
@@ -167,6 +170,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone()
     join("b")  # longer than the running batch: the batch is padded
     step()
     join("c")  # longer again
+    join("d")  # a prefix in some layers only stays in the attention state
     while batch.rows:
         step()  # "c" leaves first, then "a": their padding columns are trimmed
     assert batch.cache is None and got == expected

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +75,7 @@ class Row:
     cache: DynamicCache | None = None  # its own cache while its prompt is fed
     fed: int = 0
     token: int = 0  # the token it feeds at the next step
+    position: int = 0  # the position id of that token (after the prefix, when its prefix shifts positions)
     retried: bool = False  # re-fed once after a failed shared step
     alone: bool = False  # fed by itself: its group's prefill failed
 
@@ -82,22 +85,33 @@ class Row:
         return Row(self.work, self.choices, [*self.prompt, *produced], self.inputs, retried=True)
 
     @property
+    def offset(self) -> int:
+        return 0 if self.inputs is None else self.inputs.offset
+
+    @property
+    def in_cache(self) -> bool:
+        """Its prefix has keys/values in every layer, so they can sit at the front of its cache rows."""
+        return self.inputs is not None and self.inputs.kv is not None and all(p is not None for p in self.inputs.kv)
+
+    @property
     def reserved(self) -> int:
         """Cache positions this row may come to hold."""
         plen = 0 if self.inputs is None or self.inputs.kv is None else self.inputs.kv[0][0].shape[2]
         return len(self.prompt) + self.work.max_tokens + plen
 
 
-def _state(slots: dict, rows: list[Row]) -> attention.PrefixState | None:
-    """The attention state of `rows` as one batch: each row with its own prefix, or none."""
+def _state(slots: dict, prefixes: list[PrefixInputs | None]) -> attention.PrefixState | None:
+    """The attention state of a batch whose row i has prefix `prefixes[i]` (None: none), positions
+    left alone: the scheduler passes every row's position ids itself."""
     by_prefix: dict[int, tuple[list[int], PrefixInputs]] = {}
-    for i, row in enumerate(rows):
-        if row.inputs is not None:
-            by_prefix.setdefault(id(row.inputs), ([], row.inputs))[0].append(i)
+    for i, inputs in enumerate(prefixes):
+        if inputs is not None:
+            by_prefix.setdefault(id(inputs), ([], dataclasses.replace(inputs, offset=0)))[0].append(i)
     if not by_prefix:
         return None
-    groups = [(None if len(ix) == len(rows) else torch.tensor(ix), inputs) for ix, inputs in by_prefix.values()]
-    return batching.build_state(slots, groups, len(rows))
+    full = len(prefixes)
+    groups = [(None if len(ix) == full else torch.tensor(ix), inputs) for ix, inputs in by_prefix.values()]
+    return batching.build_state(slots, groups, full)
 
 
 def _left_pad(cache: DynamicCache, n: int) -> None:
@@ -108,7 +122,8 @@ def _left_pad(cache: DynamicCache, n: int) -> None:
 
 
 class RunningBatch:
-    """The rows decoding together: one left-padded cache, its padding mask and their prefix state."""
+    """The rows decoding together: one left-padded cache whose rows start with their prefix's keys and
+    values, the mask that says which cache columns each row sees, and each row's next position."""
 
     def __init__(self, model: Any, slots: dict):
         self.model = model
@@ -116,15 +131,18 @@ class RunningBatch:
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
         self.device = next(model.parameters()).device
+        # Only the last position's logits are read: skip the vocabulary projection of the rest of a prompt.
+        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.last_only = {"logits_to_keep": 1} if accepts else {}
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self.state: attention.PrefixState | None = None
 
-    def forward(self, rows: list[Row], ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Last-position logits of one step; positions count each row's real tokens (the hooks add P)."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        state = self.state if rows is self.rows else _state(self.slots, rows)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                state: attention.PrefixState | None) -> torch.Tensor:  # fmt: skip
+        """Last-position logits of one forward over `ids` with the cache and prefix state given."""
         with torch.no_grad(), attention.activate(state) if state is not None else contextlib.nullcontext():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                             **self.last_only)  # fmt: skip
         return out.logits[:, -1].float()
 
     def feed(self, row: Row, budget: int) -> torch.Tensor | None:
@@ -132,9 +150,12 @@ class RunningBatch:
         if row.cache is None:
             row.cache = DynamicCache(config=self.model.config)
         piece = row.prompt[row.fed : row.fed + budget]
+        positions = torch.arange(row.fed, row.fed + len(piece), device=self.device)[None] + row.offset
         row.fed += len(piece)
+        row.position = row.offset + row.fed
         mask = torch.ones(1, row.fed, dtype=torch.long, device=self.device)
-        logits = self.forward([row], torch.tensor([piece], device=self.device), mask, row.cache)
+        ids = torch.tensor([piece], device=self.device)
+        logits = self.forward(ids, mask, positions, row.cache, _state(self.slots, [row.inputs]))
         return logits[0] if row.fed == len(row.prompt) else None
 
     def prefill(self, rows: list[Row]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
@@ -146,12 +167,35 @@ class RunningBatch:
             ids[i, width - len(row.prompt) :] = torch.tensor(row.prompt)
             mask[i, width - len(row.prompt) :] = 1
             row.fed = len(row.prompt)
-        cache = DynamicCache(config=self.model.config)
+            row.position = row.offset + row.fed
         ids, mask = ids.to(self.device), mask.to(self.device)
-        return self.forward(rows, ids, mask, cache), cache, mask
+        offsets = torch.tensor([r.offset for r in rows], device=self.device)[:, None]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + offsets
+        cache = DynamicCache(config=self.model.config)
+        return self.forward(ids, mask, positions, cache, _state(self.slots, [r.inputs for r in rows])), cache, mask
+
+    def _prefix_into_cache(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+        """Put each row's prefix keys/values at the front of its cache rows, visible through the mask.
+
+        A prefix is exactly the first P entries of a row's keys/values, so from here on a decoding
+        step is the plain model over its cache: no prefix concatenated in every layer at every step.
+        """
+        state = _state(self.slots, [r.inputs if r.in_cache else None for r in rows])
+        if state is None:
+            return mask
+        if len(cache.layers) != len(state.kv):
+            raise RuntimeError(f"{len(cache.layers)} cache layers for {len(state.kv)} attention slots")
+        visible = None
+        for layer, (keys, values, seen) in zip(cache.layers, state.kv, strict=True):
+            keys = attention.match_rows(keys, len(rows)).to(layer.keys.dtype)
+            values = attention.match_rows(values, len(rows)).to(layer.values.dtype)
+            layer.keys, layer.values = torch.cat([keys, layer.keys], 2), torch.cat([values, layer.values], 2)
+            visible = seen if seen is not None else torch.ones(len(rows), keys.shape[2], dtype=torch.bool)
+        return torch.cat([attention.match_rows(visible, len(rows)).to(mask), mask], 1)
 
     def add(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Join fed rows: the narrower of them and the batch is left-padded, then caches and masks stacked."""
+        mask = self._prefix_into_cache(rows, cache, mask)
         if self.cache is None:
             self.cache, self.mask = cache, mask
         else:
@@ -165,7 +209,11 @@ class RunningBatch:
                 mine.values = torch.cat([mine.values, theirs.values])
             self.mask = torch.cat([self.mask, mask])
         self.rows.extend(rows)
-        self.state = _state(self.slots, self.rows)
+        self._restate()
+
+    def _restate(self) -> None:
+        """The attention state of the rows whose prefix is not in the cache (it covers only some layers)."""
+        self.state = _state(self.slots, [None if r.in_cache else r.inputs for r in self.rows])
 
     def keep(self, keep: list[int]) -> None:
         """Drop every row not in `keep`, and the padding columns no remaining row needs."""
@@ -183,13 +231,17 @@ class RunningBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
             self.mask = self.mask[:, dead:]
-        self.state = _state(self.slots, self.rows)
+        self._restate()
 
     def step(self) -> torch.Tensor:
         """One decoding step for every running row: `[B, vocab]` logits."""
         ids = torch.tensor([[r.token] for r in self.rows], device=self.device)
+        positions = torch.tensor([[r.position] for r in self.rows], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
-        return self.forward(self.rows, ids, self.mask, self.cache)
+        logits = self.forward(ids, self.mask, positions, self.cache, self.state)
+        for row in self.rows:
+            row.position += 1
+        return logits
 
 
 def pick(logits: torch.Tensor, work: Work, top_k: int | None) -> int:
