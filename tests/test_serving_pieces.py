@@ -126,7 +126,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone()
 
     from prefixtune import attach
     from prefixtune.collection import PrefixCollection
-    from prefixtune.serving.scheduler import Row, RunningBatch
+    from prefixtune.serving.running_batch import Row, RunningBatch
 
     torch.manual_seed(0)
     model = tiny.make("llama", vocab_size=40, pad_token_id=0, eos_token_id=3, initializer_range=0.2)
@@ -179,7 +179,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone()
 def test_pick_samples_within_top_p_and_greedy_takes_the_argmax():
     import torch
 
-    from prefixtune.serving.scheduler import pick
+    from prefixtune.serving.running_batch import pick
 
     logits = torch.tensor([0.5, 0.3, 0.2]).log()
     sink = Sink(asyncio.new_event_loop(), 8)
