@@ -400,6 +400,11 @@ def _serving(r: dict) -> str:
             ["continuous, 16 clients: time to first token p50 ≤ 1 s", f"{new['16']['ttft_p50_s']:.2f} s",
              _mark(new["16"]["ttft_p50_s"] <= 1)],
         ]  # fmt: skip
+    many = r.get("many")
+    if many:
+        rows.append([f"{many['prefixes']:,} prefixes, requests over {many['used']}: ≥ 0.9 × one prefix's tokens/s",
+                     f"{many['spread_vs_one']:.2f} × ({many['rss_mb_loaded']:.0f} MiB resident)",
+                     _mark(many["spread_vs_one"] >= 0.9)])  # fmt: skip
     s = r["setup"]
     return (f"SmolLM2-135M, {s['rows']} rows, prefix length {s['prefix_len']}, {s['new_tokens']} new tokens, "
             f"{s['threads']} threads. The server rows: 4 prefixes and the bare model, streamed greedy completions "

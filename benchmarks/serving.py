@@ -156,6 +156,47 @@ def server_load(path: str, scheduler: str, max_tokens: tuple[int, int], prefix_l
     return results
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now (not its peak), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def many_prefixes(path: str, count: int, used: int, max_tokens: tuple[int, int], requests: int, clients: int) -> dict:
+    """`count` prefixes in the folder; the same streamed load once naming one prefix, once spread over `used`."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = attach(model, num_virtual_tokens=16, init="random", seed=0)
+        gen = torch.Generator().manual_seed(0)
+        for i in range(count):
+            with torch.no_grad():
+                prefix.prefix.table.copy_(torch.randn(prefix.prefix.table.shape, generator=gen))
+            prefix.save_pretrained(Path(tmp) / f"p{i:04d}")
+        del model, prefix
+        before = _rss_mb()
+        start = time.perf_counter()
+        app = create_app(path, tmp, served_model_name="smollm2", max_batch_size=16, max_tokens_limit=max_tokens[1],
+                         reload_interval_s=None)  # fmt: skip
+        result = {"prefixes": count, "used": used, "load_s": time.perf_counter() - start,
+                  "rss_mb_before_server": before, "rss_mb_loaded": _rss_mb()}  # fmt: skip
+        spawn = multiprocessing.get_context("spawn")
+        with running(app, log_level="warning") as url:
+            with concurrent.futures.ProcessPoolExecutor(clients, spawn, _connect, (url,)) as pool:
+                for label, spread in (("one prefix", 1), (f"{used} prefixes", used)):
+                    jobs = [(f"p{i % spread:04d}", PROMPTS[i % len(PROMPTS)], random.Random(i).randint(*max_tokens))
+                            for i in range(requests)]  # fmt: skip
+                    list(pool.map(_request, jobs[:clients]))  # warm-up
+                    start = time.perf_counter()
+                    done = list(pool.map(_request, jobs))
+                    wall = time.perf_counter() - start
+                    result[label] = {"tokens_per_s": sum(d[2] for d in done) / wall, "requests_per_s": requests / wall}
+        result["rss_mb_after"] = _rss_mb()
+        result["spread_vs_one"] = result[f"{used} prefixes"]["tokens_per_s"] / result["one prefix"]["tokens_per_s"]
+    return result
+
+
 def table(result: dict) -> str:
     gen = result["generation"]
     lines = ["| generation (8 rows) | tokens/s |", "| --- | --- |"]
@@ -175,6 +216,20 @@ def table(result: dict) -> str:
             for c, r in runs.items()
             if c not in ("scheduler", "stats")
         ]
+    many = result.get("many")
+    if many:
+        lines += [
+            "",
+            f"{many['prefixes']} prefixes in the folder, loaded in {many['load_s']:.0f} s; resident memory "
+            f"{many['rss_mb_before_server']:.0f} MiB before the server, {many['rss_mb_loaded']:.0f} MiB with every "
+            f"prefix loaded, {many['rss_mb_after']:.0f} MiB after the load.",
+            "",
+            "| 16 clients, continuous | tokens/s | requests/s |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {k} | {v['tokens_per_s']:.1f} | {v['requests_per_s']:.2f} |" for k, v in many.items()
+                  if isinstance(v, dict)]  # fmt: skip
+        lines += [f"| spread / one | {many['spread_vs_one']:.2f} x (target >= 0.9) | |"]
     return "\n".join(lines)
 
 
@@ -183,8 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test of the script")
     parser.add_argument("--out", default="benchmarks/results/serving.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--parts", default="generation,server", help="generation, server or both; a part left out "
-                        "keeps its figures from --out")  # fmt: skip
+    parser.add_argument("--parts", default="generation,server,many", help="any of generation, server, many "
+                        "(1,000 prefixes); a part left out keeps its figures from --out")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,6 +265,11 @@ def main(argv: list[str] | None = None) -> dict:
             s: server_load(path, s, max_tokens, prefix_len, requests) for s in ("batch", "continuous")
         } if "server" in parts else old["server"],
     }
+    if "many" in parts:
+        result["many"] = many_prefixes(path, 40 if args.quick else 1000, 10 if args.quick else 100, max_tokens,
+                                       16 if args.quick else 64, 4 if args.quick else 16)  # fmt: skip
+    elif "many" in old:
+        result["many"] = old["many"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
