@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import tiny
 import torch
@@ -320,3 +322,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append(model.prefix.table.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
     assert grads[0].abs().sum() > 0
+
+
+def test_a_model_is_probed_once_until_its_modules_change():
+    """Loading many prefixes onto one model must not run a forward pass per prefix."""
+    from prefixtune.core.discovery import probe
+
+    model = tiny.make("llama")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    first = probe(model)
+    assert probe(model) == first and len(calls) == 1
+    attach(model, num_virtual_tokens=2)  # attaching reuses the layout too
+    assert len(calls) == 1
+    model.model.layers[0].self_attn = copy.deepcopy(model.model.layers[0].self_attn)  # a module replaced
+    assert probe(model) == first and len(calls) == 2
