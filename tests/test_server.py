@@ -127,7 +127,7 @@ def llama_batch(tmp_path_factory):
     yield from serve_llama(tmp_path_factory, "batch")
 
 
-def serve_llama(tmp_path_factory, scheduler: str):
+def serve_llama(tmp_path_factory, scheduler: str, **limits):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: threads only contend on a shared 2-core machine
     root = tmp_path_factory.mktemp("llama")
@@ -165,14 +165,17 @@ def serve_llama(tmp_path_factory, scheduler: str):
         reload_interval_s=0.3,
         request_timeout_s=30,
         body_timeout_s=1.5,
+        **limits,
     )
     offline = Offline(model_dir, prefixes)
-    with running(app, timeout_keep_alive=2, log_level="warning") as url:
-        api, http = clients(url)
-        srv = app.state.prefixtune
-        yield {"api": api, "http": http, "srv": srv, "offline": offline, "url": url, "root": root,
-               "scheduler": scheduler}  # fmt: skip
-    torch.set_num_threads(threads)
+    try:
+        with running(app, timeout_keep_alive=2, log_level="warning") as url:
+            api, http = clients(url)
+            srv = app.state.prefixtune
+            yield {"api": api, "http": http, "srv": srv, "offline": offline, "url": url, "root": root,
+                   "scheduler": scheduler}  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
 
 
 def name_of(model: str | None) -> str:
@@ -602,3 +605,21 @@ def test_classify_equals_offline_and_reports_labels(bert):
     disabled = http.delete("/admin/prefixes/sentiment", headers={"Authorization": "Bearer x"})
     assert disabled.status_code == 403 and "disabled" in error_of(disabled)["message"]
     assert http.post("/v1/classify", json={"model": "nope", "input": "good"}).status_code == 404
+
+
+def test_prefixes_load_on_demand_within_a_bound(tmp_path_factory):
+    """With --max-loaded-prefixes, folders are registered at start, loaded when asked for, and the least
+    recently used is dropped beyond the bound; answers stay those of the prefix alone."""
+    server = serve_llama(tmp_path_factory, "continuous", max_loaded_prefixes=2)
+    llama = next(server)
+    try:
+        api, off, srv = llama["api"], llama["offline"], llama["srv"]
+        assert srv.bank.names() == []  # nothing loaded yet
+        assert [m.id for m in api.models.list().data] == ["tiny-llama", "alpha", "beta", "delta", "flaky", "gamma"]
+        for name in ["alpha", "beta", "gamma", "delta", "alpha", "beta"]:
+            ids = off.tok(PROMPTS[1])["input_ids"]
+            assert complete(api, name, PROMPTS[1], LIMIT).choices[0].text == off.answer(name, ids, LIMIT)[0]
+            assert name in srv.bank and len(srv.bank.names()) <= 2
+        assert sorted(srv.bank.names()) == ["alpha", "beta"]
+    finally:
+        server.close()

@@ -253,6 +253,9 @@ SERVE_OPTIONS = [
     Option("reload_interval", float, _SERVER.reload_interval_s, "Seconds between folder scans; 0: off."),
     Option("request_timeout", float, _SERVER.request_timeout_s, "Seconds before a request is abandoned."),
     Option("max_queue", int, _SERVER.max_queue, "Queued requests before answering 503."),
+    Option("max_loaded_prefixes", int, _SERVER.max_loaded_prefixes,
+           "Most prefixes held in memory: each is loaded when first asked for, and the least recently used "
+           "one is dropped beyond this (it reloads from its folder when asked for again). 0: all, at start."),
     Option("timeout_keep_alive", int, _SERVER.timeout_keep_alive, "Seconds an idle connection stays open."),
     Option("device", str, None, "Torch device (default: cuda when available, else cpu)."),
     Option("dtype", str, None, "Model dtype (default: float32).", ("float32", "bfloat16", "float16")),

@@ -120,6 +120,16 @@ class Engine:
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else min(self.eos, default=0)
         self.left_pad = task == "causal_lm"
+        self.loader: Callable[[str], None] | None = None  # loads a prefix on demand, where prefixes load lazily
+
+    def member(self, name: str) -> Any:
+        """A loaded prefix (loaded now, where prefixes load on demand); UnknownPrefixError if it is gone."""
+        if self.loader is not None:
+            try:
+                self.loader(name)  # loads it if it is not loaded, and notes the use for the bound
+            except Exception as exc:  # noqa: BLE001 - reported as the prefix being unavailable
+                raise UnknownPrefixError(f"prefix {name!r} could not be loaded: {exc}") from exc
+        return self.bank[name]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -127,7 +137,11 @@ class Engine:
     def run(self, group: list[Work]) -> None:
         group = [w for w in group if not w.closed and not w.cancelled]
         for w in group:
-            if w.prefix is not None and w.prefix not in self.bank:
+            if w.prefix is None:
+                continue
+            try:
+                self.member(w.prefix)
+            except UnknownPrefixError:
                 w.fail(UnknownPrefixError(f"prefix {w.prefix!r} was removed before the request ran"))
         group = [w for w in group if not w.closed]
         if group:

@@ -40,6 +40,7 @@ class Settings:
     body_timeout_s: float = 30.0
     send_timeout_s: float = 30.0
     max_queue: int = 1024
+    max_loaded_prefixes: int = 0  # 0: every prefix folder loaded at start; n: at most n in memory, loaded on demand
     # Connection level, read by uvicorn rather than by the app:
     timeout_keep_alive: int = 5
     max_connections: int = 1024

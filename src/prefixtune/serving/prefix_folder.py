@@ -9,6 +9,7 @@ so loading never races a batch and the `PrefixCollection` only changes between b
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -54,8 +55,10 @@ class PrefixFolder:
     """The prefixes directory as the source of truth. All methods run on the batcher's worker thread,
     so loading never races a batch and the collection only changes between batches."""
 
-    def __init__(self, root: str | Path, bank: PrefixCollection, reserved: str):
+    def __init__(self, root: str | Path, bank: PrefixCollection, reserved: str, max_loaded: int = 0):
         self.root = Path(root)
+        self.max_loaded = max_loaded  # 0: load every folder in `sync`; n: load on demand, keep the n last used
+        self.recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.root.mkdir(parents=True, exist_ok=True)
         self.bank = bank
         self.reserved = reserved
@@ -90,6 +93,7 @@ class PrefixFolder:
         self.errors = {n: e for n, e in self.errors.items() if (self.root / n).exists()}
         for name in [n for n in self.seen if n not in present]:
             del self.seen[name]
+            self.recent.pop(name, None)
             self.errors.pop(name, None)
             if name in self.bank:
                 self.bank.remove(name)
@@ -98,14 +102,46 @@ class PrefixFolder:
             if self.seen.get(name) == sig:
                 continue
             self.seen[name] = sig
+            if self.max_loaded and name not in self.bank:
+                continue  # registered: loaded when a request names it
             try:
-                self.bank.add(name, PrefixModel.from_pretrained(self.bank.base_model, self.root / name))
-            except Exception as exc:  # noqa: BLE001 - one bad folder must not stop the others
-                self.errors[name] = str(exc)
-                log.warning("prefix %r not loaded: %s", name, exc)
-            else:
-                self.errors.pop(name, None)
-                log.info("prefix %r loaded", name)
+                self._load(name)
+            except Exception:  # noqa: BLE001 - one bad folder must not stop the others
+                pass
+
+    def _load(self, name: str) -> None:
+        try:
+            self.bank.add(name, PrefixModel.from_pretrained(self.bank.base_model, self.root / name))
+        except Exception as exc:
+            self.errors[name] = str(exc)
+            log.warning("prefix %r not loaded: %s", name, exc)
+            raise
+        self.errors.pop(name, None)
+        log.info("prefix %r loaded", name)
+        self.used(name)
+
+    def names(self) -> list[str]:
+        """Every prefix that can be served: loaded, or registered in the folder to load on demand."""
+        return sorted(set(self.bank.names()) | ({n for n in self.seen if n not in self.errors} if self.max_loaded
+                                                 else set()))  # fmt: skip
+
+    def load(self, name: str) -> None:
+        """Make a registered prefix ready (on demand, with a bound), dropping the least recently used beyond it."""
+        if name not in self.bank:
+            if name not in self.seen:
+                raise RequestError(404, f"unknown prefix {name!r}", code="model_not_found")
+            self._load(name)
+        self.used(name)
+
+    def used(self, name: str) -> None:
+        """Note a use; with a bound, drop the least recently used prefixes beyond it (they reload on demand)."""
+        self.recent[name] = None
+        self.recent.move_to_end(name)
+        while self.max_loaded and len(self.recent) > self.max_loaded:
+            old, _ = self.recent.popitem(last=False)
+            if old in self.bank and old != name:
+                self.bank.remove(old)
+                log.info("prefix %r unloaded (least recently used of %d)", old, self.max_loaded)
 
     def install(self, name: str, record: dict, weights: bytes, replace: bool) -> None:
         """Write an uploaded prefix to a hidden folder, load it, then rename it into place."""
@@ -132,6 +168,7 @@ class PrefixFolder:
                 raise
             _fsync_dir(self.root)
             self.bank.add(name, model)
+            self.used(name)
             self.seen[name] = _signature(target) or ()
             self.errors.pop(name, None)
             log.info("prefix %r installed through the admin endpoint", name)
@@ -151,5 +188,6 @@ class PrefixFolder:
         if name in self.bank:
             self.bank.remove(name)
         self.seen.pop(name, None)
+        self.recent.pop(name, None)
         self.errors.pop(name, None)
         log.info("prefix %r deleted through the admin endpoint", name)

@@ -61,7 +61,7 @@ def install_routes(app: FastAPI, srv: PrefixServer) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [srv.card(None)] + [srv.card(n) for n in sorted(srv.bank.names())]}
+        return {"object": "list", "data": [srv.card(None)] + [srv.card(n) for n in srv.folder.names()]}
 
     @app.get("/v1/models/{name}")
     async def model(name: str) -> dict:
@@ -74,7 +74,7 @@ def install_routes(app: FastAPI, srv: PrefixServer) -> None:
         body = {
             "status": "ok" if ok else "worker stopped",
             "model": srv.base_id,
-            "prefixes": len(srv.bank.names()),
+            "prefixes": len(srv.folder.names()),
             "queued": srv.batcher.pending(),
             "stats": dict(srv.batcher.stats),
             "prefix_errors": srv.folder.errors,

@@ -114,11 +114,13 @@ class ContinuousBatcher(Batcher):
         """A prefix's keys/values, computed once per loaded prefix and shared by its rows (LRU-bounded)."""
         if name is None:
             return None
-        member = self.engine.bank[name]
+        member = self.engine.member(name)
         cached = self._inputs.get(name)
         if cached is None or cached[0] is not member:
             with torch.no_grad():
                 cached = (member, member.inputs())
+            for gone in [n for n in self._inputs if n not in self.engine.bank]:
+                del self._inputs[gone]  # unloaded or removed prefixes: their rows keep their own reference
             self._inputs[name] = cached
             self.batch.slots = member.slots  # the same attention modules for every prefix of this model
             while len(self._inputs) > self.prefix_cache_size:

@@ -14,6 +14,7 @@ model's own positions (prompt + prefix + new tokens). Waiting for results is `wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -46,8 +47,9 @@ class PrefixServer:
         self.bank = PrefixCollection(model)
         self.engine = Engine(self.bank, tokenizer, task)
         self.batcher = self._batcher(s)
-        self.folder = PrefixFolder(prefixes_dir, self.bank, base_id)
+        self.folder = PrefixFolder(prefixes_dir, self.bank, base_id, s.max_loaded_prefixes)
         self.folder.sync()
+        self.engine.loader = self.folder.load if s.max_loaded_prefixes else None
         self.vocab = model.get_input_embeddings().num_embeddings
         self.max_positions = tasks.max_positions(model)
         self.created = int(time.time())
@@ -84,7 +86,7 @@ class PrefixServer:
         if name in self.bank:
             return name
         if NAME_RE.fullmatch(name) and (self.folder.root / name / serialization.CONFIG_NAME).is_file():
-            await self.batcher.call(self.folder.sync)
+            await self.batcher.call(lambda: self._ready(name))
             if name in self.bank:
                 return name
             if name in self.folder.errors:
@@ -92,6 +94,14 @@ class PrefixServer:
                 raise RequestError(404, msg, code="model_not_found")
         msg = f"unknown model {name!r}: neither a loaded prefix nor the base model {self.base_id!r}; see /v1/models"
         raise RequestError(404, msg, code="model_not_found")
+
+    def _ready(self, name: str) -> None:
+        """On the worker: pick up a new folder, and load a registered prefix on demand (with a bound)."""
+        if not self.folder.max_loaded or name not in self.folder.seen:
+            self.folder.sync()
+        if self.folder.max_loaded and name in self.folder.seen and name not in self.bank:
+            with contextlib.suppress(Exception):  # the reason is in folder.errors
+                self.folder.load(name)
 
     def member(self, name: str) -> PrefixModel:
         """A loaded prefix; 404 if it was removed a moment ago (the folder poller, an admin delete)."""
@@ -114,16 +124,14 @@ class PrefixServer:
         card = {"object": "model", "created": self.created, "owned_by": "prefixtune"}
         if name is None:
             return {"id": self.base_id, **card, "parent": None, "task": self.engine.task}
-        member = self.member(name)
-        cfg = member.prefix_config
-        return {
-            "id": name,
-            **card,
-            "parent": self.base_id,
-            "task": member.task,
-            "method": cfg.method,
-            "num_virtual_tokens": cfg.num_virtual_tokens,
-        }
+        if name not in self.bank:  # registered, not loaded now: its saved config says the same
+            record = serialization.read_config(self.folder.root / name)
+            method, length, task = record["prefix"]["method"], record["prefix"]["num_virtual_tokens"], record["task"]
+        else:
+            member = self.member(name)
+            method, length, task = member.prefix_config.method, member.prefix_config.num_virtual_tokens, member.task
+        return {"id": name, **card, "parent": self.base_id, "task": task, "method": method,
+                "num_virtual_tokens": length}  # fmt: skip
 
     # ------------------------------------------------------------------------------ prompts and limits
     def encode(self, prompt: str | list, special: bool = True) -> list[list[int]]:
