@@ -86,9 +86,9 @@ class ContinuousBatcher(Batcher):
             classify = self._take(wait=0.0 if busy or self.backlog else 0.25)
             if classify:
                 self._run_batch(classify)
-            self._admit()
-            self._prefill()
             try:
+                self._admit()
+                self._prefill()
                 self._decode()
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything one step does
                 self._recover(exc)
@@ -228,7 +228,11 @@ class ContinuousBatcher(Batcher):
             mask = mask[keep]
         if self.batch.rows:
             self.stats["joined_running"] += len(keep)  # joined a batch that was already decoding
-        self.batch.add([rows[i] for i in keep], cache, mask)
+        try:
+            self.batch.add([rows[i] for i in keep], cache, mask)
+        except Exception as exc:  # noqa: BLE001 - the rows that could not join fail; the batch goes on
+            for i in keep:
+                self._fail(rows[i].work, exc)
 
     def _recover(self, exc: Exception) -> None:
         """After a failed shared step: each row is fed again alone, so a row that fails by itself fails
