@@ -337,3 +337,15 @@ def test_a_model_is_probed_once_until_its_modules_change():
     assert len(calls) == 1
     model.model.layers[0].self_attn = copy.deepcopy(model.model.layers[0].self_attn)  # a module replaced
     assert probe(model) == first and len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_step_by_step_decoding_with_a_cache_equals_the_whole_forward(name):
+    """A decoder called by hand with its cache (no mask, no positions) still puts real tokens after the prefix."""
+    model = attach(tiny.make("llama"), num_virtual_tokens=3, init="random")
+    ids = torch.randint(5, 40, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits[:, -1]
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        step = model(input_ids=ids[:, -1:], **{name: cache}).logits[:, -1]
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)

@@ -38,7 +38,7 @@ def _shift_positions(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
         if mask is not None and mask.dim() == 2:  # left padding: count real tokens, as generate does
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
         else:
-            cache = kwargs.get("past_key_values")
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renamed it `cache`
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + q_len, device=ref.device)[None].expand(batch, -1)
     offset = state.offset
