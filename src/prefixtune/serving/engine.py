@@ -173,12 +173,10 @@ class Engine:
         rows: list[tuple[Work, list[int]]] = []
         prompts, prefixes = [], []
         for w in group:
-            for i, ids in enumerate(w.prompts):
-                choices = [i * w.n + j for j in range(w.n)]
-                for row_choices in [[c] for c in choices] if w.sampled else [choices]:
-                    rows.append((w, row_choices))
-                    prompts.append(ids)
-                    prefixes.append(w.prefix)
+            for ids, choices in w.row_choices():
+                rows.append((w, choices))
+                prompts.append(ids)
+                prefixes.append(w.prefix)
         input_ids, mask = self._pad(prompts, left=self.left_pad)
         router = Router(rows, self.eos, self.decode)
         self.bank.generate(

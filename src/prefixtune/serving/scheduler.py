@@ -130,12 +130,7 @@ class ContinuousBatcher(Batcher):
 
     def _rows_of(self, work: Work) -> list[Row]:
         inputs = self._prefix_inputs(work.prefix)
-        rows = []
-        for i, ids in enumerate(work.prompts):
-            choices = [i * work.n + j for j in range(work.n)]
-            for group in [[c] for c in choices] if work.sampled else [choices]:
-                rows.append(Row(work, group, ids, inputs))
-        return rows
+        return [Row(work, choices, ids, inputs) for ids, choices in work.row_choices()]
 
     def _admit(self) -> None:
         """Move queued requests into the joining rows while rows and cache room allow, oldest first."""

@@ -106,6 +106,14 @@ class Work:
         """Batch rows: sampled choices each need a row, greedy ones share their prompt's row."""
         return self.choices if self.sampled else len(self.prompts)
 
+    def row_choices(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt, choices) per batch row: greedy choices of a prompt share a row, sampled ones get one each."""
+        out = []
+        for i, ids in enumerate(self.prompts):
+            choices = [i * self.n + j for j in range(self.n)]
+            out += [(ids, [c]) for c in choices] if self.sampled else [(ids, choices)]
+        return out
+
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share one model call."""
