@@ -60,7 +60,10 @@ def alone(bank: PrefixCollection, name: str | None, kw: dict, row: int, trim: bo
 
 
 @pytest.mark.parametrize(
-    "family,task", [("bert", "classification"), ("llama", None), ("gpt2", None), ("t5", None), ("bart", None)]
+    "family,task",
+    [("bert", "classification"), ("llama", None), ("gpt2", None), ("t5", None), ("bart", None)]
+    + [("deberta_v2", "classification"), ("deberta", "classification"), ("mpnet", "classification")]
+    + [("bloom", None), ("falcon", None), ("falcon_new", None)],
 )
 def test_mixed_batch_rows_equal_rows_alone(family, task):
     bank = collection(family, task, layers_for_short=family == "llama")
@@ -80,7 +83,7 @@ def test_mixed_batch_rows_equal_rows_alone(family, task):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "t5", "bart", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "t5", "bart", "gpt2", "bloom", "falcon"])
 def test_mixed_generation_equals_rows_alone(family):
     bank = collection(family)
     kw = batch(family, "left" if tiny.kind(family) == "decoder" else "right")
@@ -158,7 +161,8 @@ def test_multitask_training_equals_training_each_prefix_alone():
 
 
 def test_batch_assembly_needs_only_what_each_prefix_hands_it():
-    """`core.batching` works from plain `PrefixInputs`: shorter prefixes are padded and masked, bare rows see none."""
+    """`core.batching` works from plain `PrefixInputs`: shorter prefixes are padded in front and masked, bare rows
+    see none."""
     from prefixtune.core.batching import PrefixInputs, build_state, join_prompts
 
     def kv(length: int, fill: float) -> list:
@@ -170,8 +174,8 @@ def test_batch_assembly_needs_only_what_each_prefix_hands_it():
     state = build_state(slots, [(torch.tensor([0]), short), (torch.tensor([2]), long)], batch=3)
     keys, values, visible = state.kv[0]
     assert keys.shape == (3, 2, 3, 4) and state.kv[1] is None  # the widest prefix; slot 1 has none
-    assert visible.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
-    assert keys[0, :, :2].eq(1).all() and keys[2].eq(2).all() and values[2].eq(-2).all() and keys[1].eq(0).all()
+    assert visible.tolist() == [[False, True, True], [False, False, False], [True, True, True]]  # right-aligned
+    assert keys[0, :, 1:].eq(1).all() and keys[2].eq(2).all() and values[2].eq(-2).all() and keys[1].eq(0).all()
     assert state.offset.tolist() == [2, 0, 0] and len(state.mean_pool) == 1 and state.mean_pool[0].tolist() == [2]
 
     prompt = PrefixInputs(kv=None, prompt=torch.ones(2, 3), offset=0, heads=[], mean_pool=False)

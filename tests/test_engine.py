@@ -9,8 +9,10 @@ import tiny
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.bloom.modeling_bloom import _get_alibi_slopes as bloom_alibi_slopes
 
 from prefixtune import PrefixConfig, PrefixModel, attach
+from prefixtune.core import own_attention
 
 FAMILIES = list(tiny.FAMILIES)
 torch.set_grad_enabled(True)
@@ -66,10 +68,15 @@ def reference_attention(module, q, k, v, mask, scaling=None, dropout=0.0, positi
     if mask is not None:
         body = mask[..., :kv_len]
         allowed[..., plen:] = body if body.dtype == torch.bool else body > torch.finfo(body.dtype).min / 2
-    elif getattr(module, "is_causal", False) and q.shape[2] > 1:
+        if body.dtype != torch.bool:  # an additive mask (MPNet) adds its values to the scores it allows
+            scores[..., plen:] = scores[..., plen:] + body.clamp(min=-1e4)
+    elif kwargs.get("is_causal", getattr(module, "is_causal", False)) and q.shape[2] > 1:
         allowed[..., plen:] = torch.ones(q.shape[2], kv_len, dtype=torch.bool).tril(kv_len - q.shape[2])
     if position_bias is not None:
         scores[..., plen:] = scores[..., plen:] + position_bias[..., :kv_len]
+    if type(module).__name__ == "BloomAttention":  # ALiBi: prefix key k of P sits at k - P, before token 0
+        slopes = bloom_alibi_slopes(q.shape[1], q.device)
+        scores[..., :plen] = scores[..., :plen] + slopes.view(1, -1, 1, 1) * torch.arange(-plen, 0)
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = torch.softmax(scores, -1) @ v
     return out.transpose(1, 2).contiguous(), None
@@ -141,7 +148,8 @@ REFERENCE_CASES = [(f, "sdpa") for f in FAMILIES] + [(f, "eager") for f in ("ber
 def test_matches_handwritten_reference_attention(family, base):
     model = attach(tiny.make(family, attn_implementation=base), num_virtual_tokens=3, init="random")
     reference = tiny.make(family)
-    reference.set_attn_implementation("reference_test")
+    if not own_attention.install(reference, "reference_test"):
+        reference.set_attn_implementation("reference_test")
     kv = model.prefix_kv()
     ref_modules = dict(reference.named_modules())
     REF.clear()

@@ -118,22 +118,46 @@ def test_pickle_files_are_refused_with_advice(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "config,cls",
+    "config",
     [
-        (
-            lambda: tf.DebertaV2Config(
-                vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-            ),
-            tf.AutoModelForSequenceClassification,
-        ),
-        (lambda: tf.BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4), tf.AutoModelForCausalLM),
-        (
-            lambda: tf.FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
-            tf.AutoModelForCausalLM,
+        lambda: tf.XLNetConfig(vocab_size=96, d_model=32, n_layer=2, n_head=4, d_inner=64),
+        lambda: tf.SqueezeBertConfig(
+            vocab_size=96,
+            hidden_size=32,
+            embedding_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
         ),
     ],
 )
-def test_architectures_outside_the_interface_are_named(config, cls):
-    model = cls.from_config(config())
+def test_architectures_outside_the_interface_are_named(config):
+    model = tf.AutoModelForSequenceClassification.from_config(config())
     with pytest.raises(PrefixTuneError, match=f"{type(model).__name__} .* does not send its attention"):
+        attach(model)
+
+
+@pytest.mark.parametrize(
+    "config,cls,reason",
+    [
+        (
+            lambda: tf.DebertaConfig(
+                vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                talking_head=True,
+            ),
+            tf.AutoModelForSequenceClassification,
+            "talking heads mixes the scores of all heads",
+        ),
+        (
+            lambda: tf.FalconConfig(
+                vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True
+            ),
+            tf.AutoModelForCausalLM,
+            r"Falcon with ALiBi \(Falcon-RW\)",
+        ),
+    ],
+)  # fmt: skip
+def test_adapted_families_refuse_the_variants_they_cannot_take(config, cls, reason):
+    model = cls.from_config(config())
+    with pytest.raises(PrefixTuneError, match=reason):
         attach(model)

@@ -17,8 +17,10 @@ IDS = torch.randint(3, tiny.VOCAB, (2, 7), generator=torch.Generator().manual_se
 
 
 def trained_peft(family: str, method: str, tmp_path):
+    # PEFT sizes a prefix by the query heads; Falcon's multi-query cache holds one key/value head
+    heads = {"num_attention_heads": 1, "token_dim": 8} if (family, method) == ("falcon", "prefix") else {}
     config = (peft.PrefixTuningConfig if method == "prefix" else peft.PromptTuningConfig)(
-        task_type="CAUSAL_LM", num_virtual_tokens=4
+        task_type="CAUSAL_LM", num_virtual_tokens=4, **heads
     )
     model = peft.get_peft_model(tiny.make(family), config)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
@@ -38,7 +40,7 @@ def peft_logits(model) -> torch.Tensor:
     return logits[:, -IDS.shape[1] :]  # prompt tuning also returns the virtual positions
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bloom", "falcon", "falcon_new"])
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_import_and_export_keep_logits(family, method, tmp_path):
     theirs = trained_peft(family, method, tmp_path)

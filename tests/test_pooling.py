@@ -1,4 +1,4 @@
-"""Mean pooling: a BERT-style head reads the masked mean of the last hidden states instead of [CLS]."""
+"""Mean pooling: an encoder's head reads the masked mean of the last hidden states instead of [CLS]."""
 
 from __future__ import annotations
 
@@ -69,9 +69,28 @@ def test_pooling_survives_save_and_load(tmp_path):
         torch.testing.assert_close(loaded(**kw).logits, model(**kw).logits)
 
 
-@pytest.mark.parametrize("family,task", [("llama", None), ("roberta", "classification")])
-def test_mean_pooling_needs_a_bert_style_pooler(family, task):
-    with pytest.raises(PrefixTuneError, match="pooling 'mean'.*has no pooler"):
+@pytest.mark.parametrize("family", ["roberta", "mpnet", "deberta_v2"])
+def test_first_token_heads_read_the_mean_in_its_place(family):
+    """RoBERTa, MPNet and DeBERTa heads read the first token's state: mean pooling puts the mean there."""
+    model = attach(tiny.make(family, task="classification"), num_virtual_tokens=3, pooling="mean", init="random")
+    kw = _batch()
+    with torch.no_grad():
+        out = model(**kw, output_hidden_states=True)
+        pooled = _masked_mean(out.hidden_states[-1], kw["attention_mask"])[:, None]
+        for name in ("pooler", "classifier"):  # DeBERTa's ContextPooler is part of its head
+            if name in model.heads:
+                pooled = model.heads[name](pooled)
+        first = attach(model.base_model, num_virtual_tokens=3)
+        first.prefix.load_state_dict(model.prefix.state_dict())
+        first.heads.load_state_dict(model.heads.state_dict())
+        first_logits = first(**kw).logits
+    torch.testing.assert_close(out.logits, pooled, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.logits, first_logits, atol=1e-4)  # the first token alone gives other logits
+
+
+@pytest.mark.parametrize("family,task", [("llama", None), ("llama", "classification")])
+def test_mean_pooling_needs_an_encoder_classifier(family, task):
+    with pytest.raises(PrefixTuneError, match="pooling 'mean'.*is no encoder classifier"):
         attach(tiny.make(family, task=task), num_virtual_tokens=2, pooling="mean")
     with pytest.raises(PrefixTuneError, match="pooling must be one of auto, model, mean; got 'max'"):
         attach(tiny.make("bert", task="classification"), num_virtual_tokens=2, pooling="max")

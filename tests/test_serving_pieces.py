@@ -118,7 +118,8 @@ def test_the_batcher_gathers_what_fits_and_defers_the_rest_in_order():
 
 
 # ------------------------------------------------------------------------------------- continuous batching
-def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone():
+@pytest.mark.parametrize("family", ["llama", "bloom", "falcon"])
+def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone(family):
     """Rows of different lengths and prefixes join a decoding batch (padding either side) and leave it
     (trimming padding); every row's greedy tokens equal `PrefixCollection.generate` of that row alone,
     whether its prefix sits at the front of its cache rows or, covering some layers only, in the state."""
@@ -129,7 +130,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone()
     from prefixtune.serving.running_batch import Row, RunningBatch
 
     torch.manual_seed(0)
-    model = tiny.make("llama", vocab_size=40, pad_token_id=0, eos_token_id=3, initializer_range=0.2)
+    model = tiny.make(family, vocab_size=40, pad_token_id=0, eos_token_id=3, initializer_range=0.2)
     bank = PrefixCollection(model)
     bank.add("p2", attach(model, num_virtual_tokens=2, init="random", seed=1))
     bank.add("p5", attach(model, method="prompt", num_virtual_tokens=5, init="random", seed=2))

@@ -15,6 +15,23 @@ from transformers import PreTrainedTokenizerFast
 
 VOCAB = 96
 
+# BERT-style sizes; DeBERTa and DeBERTa-v2 with both relative-position terms (content-to-position, position-to-content)
+ENCODER = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+}
+DEBERTA = {
+    **ENCODER,
+    "max_position_embeddings": 64,
+    "relative_attention": True,
+    "pos_att_type": ["p2c", "c2p"],
+    "max_relative_positions": 16,
+    "pad_token_id": 0,
+}
+
 FAMILIES = {
     "bert": (
         "encoder",
@@ -30,20 +47,44 @@ FAMILIES = {
     ),
     "roberta": (
         "encoder",
-        lambda: tf.RobertaConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=70,
-            pad_token_id=1,
-        ),
+        lambda: tf.RobertaConfig(**ENCODER, max_position_embeddings=70, pad_token_id=1),
     ),
     "distilbert": (
         "encoder",
         lambda: tf.DistilBertConfig(
             vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64
+        ),
+    ),
+    # attention modules outside the registry, reached through core/own_attention.py's adapters
+    "deberta_v2": (
+        "encoder",
+        lambda: tf.DebertaV2Config(**DEBERTA, position_buckets=8),
+    ),
+    "deberta": ("encoder", lambda: tf.DebertaConfig(**DEBERTA)),
+    "mpnet": (
+        "encoder",
+        lambda: tf.MPNetConfig(**ENCODER, max_position_embeddings=70, pad_token_id=1),
+    ),
+    "bloom": (
+        "decoder",
+        lambda: tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0),
+    ),
+    "falcon": (  # Falcon-7B's layout: multi-query, one key/value head
+        "decoder",
+        lambda: tf.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, pad_token_id=0
+        ),
+    ),
+    "falcon_new": (  # Falcon-40B/180B's new decoder layout: grouped keys/values broadcast to every head
+        "decoder",
+        lambda: tf.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            new_decoder_architecture=True,
+            num_kv_heads=2,
+            pad_token_id=0,
         ),
     ),
     "gpt2": (

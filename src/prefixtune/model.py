@@ -30,7 +30,8 @@ from prefixtune.core.discovery import Layout, modules_by_slot, probe
 from prefixtune.core.prefixes import Site, prefix_class
 from prefixtune.errors import PrefixTuneError
 
-HEAD_NAMES = ("classifier", "pre_classifier", "score", "classification_head", "qa_outputs")
+# `pooler`: DeBERTa's ContextPooler sits beside the classifier, and checkpoints do not train it
+HEAD_NAMES = ("pooler", "classifier", "pre_classifier", "score", "classification_head", "qa_outputs")
 IDENTITY_KEYS = ("model_type", "hidden_size", "num_layers", "num_slots", "kv_heads", "head_dim", "roles")
 
 
@@ -79,7 +80,9 @@ class PrefixModel(nn.Module):
             {n: copy.deepcopy(getattr(base_model, n)).requires_grad_(True) for n in self.head_modules}
         )
         if config.pooling == "auto":  # saved resolved, so a reloaded prefix pools the same way
-            self.prefix_config = dataclasses.replace(config, pooling=pooling.default_pooling(base_model, self.task))
+            self.prefix_config = dataclasses.replace(
+                config, pooling=pooling.default_pooling(base_model, self.task, self._encoder)
+            )
         hooks.install(base_model, self.head_modules, self._pooled_backbone())
         self.columns = self._columns()
         slot = self.layout.slots[0]
@@ -111,12 +114,17 @@ class PrefixModel(nn.Module):
         """The backbone whose pooled output mean pooling replaces; None for the model's own pooling."""
         if self.prefix_config.pooling == "model":
             return None
-        if self.task != "classification" or pooling.backbone_pooler(self.base_model) is None:
+        if self.task != "classification" or not pooling.mean_poolable(self.base_model, self._encoder):
             raise PrefixTuneError(
-                f"pooling 'mean' replaces the pooled output that a BERT-style classifier reads, and "
-                f"{type(self.base_model).__name__} (task {self.task}) has no pooler; use pooling 'model'"
+                f"pooling 'mean' stands in for the pooled output or first token that an encoder's classifier "
+                f"reads, and {type(self.base_model).__name__} (task {self.task}) is no encoder classifier; "
+                "use pooling 'model'"
             )
         return self.base_model.base_model
+
+    @property
+    def _encoder(self) -> bool:
+        return not self.layout.is_causal and not self.layout.is_encoder_decoder
 
     def _columns(self) -> list[int | None]:
         """Table column of every model slot (None: that layer gets no prefix)."""

@@ -5,6 +5,9 @@ register `prefixtune_<base>` there; it prepends the active prefix keys/values of
 widens the mask by P always-visible columns (P zero columns of T5's position bias), and hands over
 to the stock `sdpa` or `eager` function. No cache, no `past_key_values`, no per-family code.
 
+Modules that do their own attention (DeBERTa, MPNet, Falcon, BLOOM) reach this same function
+through the adapters of `own_attention.py`.
+
 Which prefix is active is held in a `ContextVar` for the length of one call, so concurrent threads
 (a server) never see each other's prefixes, and a model with no active prefix is untouched.
 """
@@ -150,7 +153,7 @@ def _grouped_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
 
 
 def _make_attention(base: str):
-    def prefix_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    def prefix_attention(module, query, key, value, attention_mask, *args, prefix_bias=None, **kwargs):
         fn = _base_function(base, module)
         state = _ACTIVE.get()
         slot = state.slots.get(module) if state is not None else None
@@ -168,9 +171,11 @@ def _make_attention(base: str):
         value = torch.cat([pv, value], dim=2)
         attention_mask = _widen_mask(attention_mask, module, query, kv_len, plen, entry[2], kwargs.get("is_causal"))
         bias = kwargs.get("position_bias")
-        if bias is not None:  # T5: the prefix columns get no relative-position bias
-            zeros = bias.new_zeros(*bias.shape[:-1], plen)
-            kwargs["position_bias"] = torch.cat([zeros, bias[..., :kv_len]], dim=-1)
+        if bias is not None:  # T5 and others: no relative-position bias for the prefix columns, unless
+            head = bias.new_zeros(*bias.shape[:-1], plen)  # the family places the prefix (ALiBi)
+            if prefix_bias is not None:
+                head = head + prefix_bias(plen).to(head)
+            kwargs["position_bias"] = torch.cat([head, bias[..., :kv_len]], dim=-1)
         if attention_mask is not None:
             kwargs.pop("is_causal", None)
         if base == "sdpa" and attention_mask is not None:

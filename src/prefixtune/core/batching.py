@@ -56,12 +56,12 @@ def build_state(slots: dict, groups: list[Group], batch: int) -> attention.Prefi
         keys = k0.new_zeros(batch, k0.shape[1], plen, k0.shape[3])
         values = torch.zeros_like(keys)
         visible = torch.zeros(batch, plen, dtype=torch.bool, device=k0.device)
-        for rows, (k, v) in present:
-            n = k.shape[2]
+        for rows, (k, v) in present:  # right-aligned: every prefix ends where its row's tokens begin,
+            n = k.shape[2]  # which is what a distance-based bias (ALiBi) measures from
             index = slice(None) if rows is None else rows
-            keys[index, :, :n] = k[0]
-            values[index, :, :n] = v[0]
-            visible[index, :n] = True
+            keys[index, :, plen - n :] = k[0]
+            values[index, :, plen - n :] = v[0]
+            visible[index, plen - n :] = True
         table.append((keys, values, visible))
     offset = torch.zeros(batch, dtype=torch.long)
     for rows, part, _ in kv_groups:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from prefixtune.core import attention
+from prefixtune.core import attention, own_attention
 from prefixtune.errors import PrefixTuneError
 
 ENC_LEN, DEC_LEN = 5, 3
@@ -80,10 +80,16 @@ def _layer_index(name: str) -> int:
 
 
 def use_prefix_attention(model: nn.Module) -> None:
-    """Route the model's attention through prefixtune's registered function (idempotent)."""
+    """Route the model's attention through prefixtune's registered function (idempotent).
+
+    Modules that compute attention themselves get an adapter that calls the function over SDPA (they
+    have no eager function of their own to hand over to); every other model switches implementation."""
     current = getattr(model.config, "_attn_implementation", None)
     name = attention.register(attention.base_of(current))
     if current == name:
+        return
+    if own_attention.install(model, attention.register("sdpa")):
+        model.config._attn_implementation = attention.register("sdpa")
         return
     try:
         model.set_attn_implementation(name)
@@ -133,8 +139,9 @@ def _probe(model: nn.Module) -> Layout:
     if not state.slots:
         raise PrefixTuneError(
             f"{type(model).__name__} ({getattr(config, 'model_type', '?')}) does not send its attention through "
-            "transformers' AttentionInterface, so a prefix cannot be attached (DeBERTa-v2, BLOOM and Falcon are "
-            "such models); use an architecture such as BERT, RoBERTa, GPT-2, Llama, Qwen2, Gemma 3, BART or T5"
+            "transformers' AttentionInterface and prefixtune has no adapter for its attention module, so a prefix "
+            "cannot be attached; use an architecture such as BERT, RoBERTa, DeBERTa-v3, MPNet, GPT-2, Llama, Qwen2, "
+            "Gemma 3, Falcon, BLOOM, BART or T5"
         )
     names = {m: n for n, m in model.named_modules()}
     causal = not enc_dec and any(getattr(m, "is_causal", False) for m in state.slots)

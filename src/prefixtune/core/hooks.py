@@ -4,8 +4,9 @@
   paper). `generate` computes position ids inside the base model, so this must be a pre-hook there.
 - Task heads: each prefix trains its own copy of the classification head; the base model's head stays
   frozen and shared. A forward hook on the head swaps in the copy, per group of rows in a mixed batch.
-- Mean pooling: a BERT-style classifier reads the backbone's `pooler_output`; a forward hook on the
-  backbone replaces it with the masked mean of the last hidden states, for the rows that ask for it.
+- Mean pooling: an encoder's classifier reads the backbone's `pooler_output` (BERT) or the first
+  token's last state (RoBERTa, DeBERTa, MPNet, DistilBERT); a forward hook on the backbone puts the
+  masked mean of the last hidden states there, for the rows that ask for it.
 
 Hooks are installed once per base model and read everything from the active `PrefixState`, so any
 number of prefixes (and threads) can share one base model.
@@ -71,12 +72,17 @@ def _mean_pool(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     if mask is None or mask.shape != hidden.shape[:2]:
         mask = torch.ones(hidden.shape[:2], device=hidden.device)
     mean = pooling.masked_mean(hidden, mask)
+    pooler = getattr(output, "pooler_output", None)
+    target = pooler if pooler is not None else hidden[:, 0]
     if not (len(groups) == 1 and groups[0] is None):  # rows of several prefixes: pool only theirs
-        pooled = output.pooler_output.clone()
+        pooled = target.clone()
         for rows in groups:
             pooled[rows] = mean[rows]
         mean = pooled
-    output.pooler_output = mean
+    if pooler is not None:
+        output.pooler_output = mean
+    else:  # the head reads the first token: the mean takes its place there
+        output.last_hidden_state = torch.cat([mean[:, None], hidden[:, 1:]], dim=1)
     return output
 
 

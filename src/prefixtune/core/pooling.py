@@ -21,10 +21,12 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-def backbone_pooler(model: nn.Module) -> nn.Module | None:
-    """The pooler whose output a BERT-style classifier reads (None if the model has none)."""
-    pooler = getattr(getattr(model, "base_model", None), "pooler", None)
-    return pooler if isinstance(pooler, nn.Module) else None
+def mean_poolable(model: nn.Module, encoder: bool) -> bool:
+    """Whether a classifier on `model` reads a sentence vector that the mean can stand in for.
+
+    A BERT-style head reads the backbone's pooled output; RoBERTa, DeBERTa, MPNet and DistilBERT heads
+    read the first token's last state. Decoders and encoder-decoders read their last or end token."""
+    return encoder and isinstance(getattr(model, "base_model", None), nn.Module) and model.base_model is not model
 
 
 def trained_pooling(folder: str | Path) -> str | None:
@@ -40,9 +42,9 @@ def trained_pooling(folder: str | Path) -> str | None:
     return "cls" if config.get("pooling_mode_cls_token") is True else None
 
 
-def default_pooling(model: nn.Module, task: str) -> str:
+def default_pooling(model: nn.Module, task: str, encoder: bool) -> str:
     """What `pooling='auto'` means for `model`: 'mean' for mean-pooling sentence encoders, else 'model'."""
-    if task != "classification" or backbone_pooler(model) is None:
+    if task != "classification" or not mean_poolable(model, encoder):
         return "model"
     folder = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return "mean" if folder and trained_pooling(folder) == "mean" else "model"
