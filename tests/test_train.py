@@ -233,3 +233,34 @@ def test_group_by_length_batches_are_homogeneous_and_a_permutation():
     assert list(sampler) == order  # same seed and epoch, same order
     sampler.epoch = 1
     assert list(sampler) != order
+
+
+@pytest.mark.parametrize("family", ["deberta_v2", "deberta", "mpnet", "bloom", "falcon"])
+def test_adapted_families_train_and_reload(tmp_path, family):
+    """The families outside the attention registry learn through the same loop and reload exactly."""
+    from prefixtune import PrefixModel
+
+    encoder = tiny.kind(family) == "encoder"
+    tok = tiny.tokenizer("encoder" if encoder else "decoder")
+    ids = {"vocab_size": len(tok), "pad_token_id": 0, "initializer_range": 0.2}  # far enough from uniform to learn
+
+    def base():
+        return tiny.make(family, task="classification" if encoder else None, **ids)
+
+    model = attach(base(), num_virtual_tokens=3, init="random", seed=0)
+    rows = (CLS_ROWS if encoder else LM_ROWS)[:8]  # one batch, learnt by heart
+    config = cfg(tmp_path, learning_rate=3e-2, epochs=20, batch_size=8)
+    batch = tok([r["text"] for r in rows], return_tensors="pt", padding=True)
+    labels = torch.tensor([r["label"] for r in rows]) if encoder else None
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(model.eval()(**batch, labels=labels).loss) if encoder else loss_on(model, tok, rows, config)
+
+    before = loss()
+    train(model, tok, rows, None, config)
+    assert loss() < before - 0.05
+    model.save_pretrained(tmp_path / "saved")
+    loaded = PrefixModel.from_pretrained(base(), tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits, atol=1e-6, rtol=0)
