@@ -15,6 +15,7 @@ Which prefix is active is held in a `ContextVar` for the length of one call, so 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -26,8 +27,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from prefixtune.core import flash
+
 NAME_PREFIX = "prefixtune_"
-SUPPORTED_BASES = ("sdpa", "eager")
+SUPPORTED_BASES = ("sdpa", "eager", *flash.BASES)
 
 
 @dataclass
@@ -120,6 +123,8 @@ def _widen_mask(
 def _base_function(base: str, module: nn.Module):
     if base == "eager":  # each family keeps its own eager function beside its modules
         return sys.modules[type(module).__module__].eager_attention_forward
+    if base in flash.BASES:
+        return functools.partial(flash.call, base)
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
@@ -169,6 +174,17 @@ def _make_attention(base: str):
         plen = pk.shape[2]
         key = torch.cat([pk, key], dim=2)
         value = torch.cat([pv, value], dim=2)
+        if base in flash.BASES:
+            reason = flash.why_not(kwargs)
+            if reason is None:
+                flash.say_once(f"prefix attention: {base}, the prefix as leading keys (bottom-right causal mask)")
+                mask = flash.widen(attention_mask, batch, kv_len, plen, entry[2])
+                return fn(module, query, key, value, mask, *args, **kwargs)
+            flash.say_once(f"prefix attention: sdpa instead of {base}, because {reason}")
+            causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
+            window = kwargs.pop("sliding_window", None)
+            attention_mask = flash.to_full(attention_mask, query.shape[2], kv_len, causal, window)
+            fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
         attention_mask = _widen_mask(attention_mask, module, query, kv_len, plen, entry[2], kwargs.get("is_causal"))
         bias = kwargs.get("position_bias")
         if bias is not None:  # T5 and others: no relative-position bias for the prefix columns, unless
@@ -191,7 +207,8 @@ def _make_attention(base: str):
 def register(base: str) -> str:
     """Register `prefixtune_<base>` (attention and mask) and return its name."""
     if base not in SUPPORTED_BASES:
-        base = "sdpa"  # flash/flex kernels cannot take a widened mask; sdpa gives the same numbers
+        flash.say_once(f"prefix attention: sdpa instead of {base}, which has no prefix path here")
+        base = "sdpa"  # flex and other kernels: sdpa with the widened mask gives the same numbers
     name = NAME_PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_attention(base))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from prefixtune.core import attention, own_attention
+from prefixtune.core import attention, flash, own_attention
 from prefixtune.errors import PrefixTuneError
 
 ENC_LEN, DEC_LEN = 5, 3
@@ -90,6 +90,10 @@ def use_prefix_attention(model: nn.Module) -> None:
         return
     if own_attention.install(model, attention.register("sdpa")):
         model.config._attn_implementation = attention.register("sdpa")
+        return
+    if attention.base_of(current) in flash.BASES:  # checked when the model loaded; transformers would now
+        for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
+            config._attn_implementation = name  # look for a kernel named after prefixtune's function
         return
     try:
         model.set_attn_implementation(name)
