@@ -143,3 +143,25 @@ def test_the_fallback_mask_matches_the_2d_mask_and_window():
     assert flash.to_full(None, 2, 4, causal=True) is None
     wide = flash.widen(mask, 2, 4, 2, torch.tensor([[False, True], [True, True]]))
     assert wide.tolist() == [[0, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+
+
+def test_the_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
+    """`benchmarks/gpu.py` waits for a lent GPU; its --quick mode runs the same code here so it cannot rot."""
+    from benchmarks import gpu
+
+    monkeypatch.setattr(gpu, "RESULTS", tmp_path)
+    result = gpu.main(["--quick"])
+    assert result["correctness"]["cached_equals_uncached_greedy"] is True
+    assert set(result["train"]["32"]["step_s"]) == {"prefixtune (sdpa)", "PEFT prefix tuning", "frozen, no prefix"}
+    assert (tmp_path / "gpu-quick.json").exists()
+    assert "## On a GPU" in gpu.section(result) and "prefixtune/PEFT" in gpu.section(result)
+
+
+def test_the_gpu_section_replaces_only_itself(tmp_path):
+    from benchmarks.gpu import SECTION, write_section
+
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Speed\n\nfast\n")
+    write_section(f"{SECTION}\n\nfirst\n", doc)
+    write_section(f"{SECTION}\n\nsecond\n", doc)
+    assert doc.read_text() == f"# Benchmarks\n\n## Speed\n\nfast\n\n{SECTION}\n\nsecond\n"
