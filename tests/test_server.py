@@ -36,11 +36,7 @@ WORDS = (
     "river hill park bird fish song book door light dark cold warm happy sad old new day night rain snow wind "
     "fire stone water city town good bad film movie"
 ).split()
-CHAT_WORDS = ["user", "assistant", "system", ":", "|", ".", ","]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} | {% endfor %}"
-    "{% if add_generation_prompt %}assistant :{% endif %}"
-)
+CHAT_WORDS, CHAT_TEMPLATE = tiny.CHAT_WORDS, tiny.CHAT_TEMPLATE
 PREFIXES = {
     "alpha": {"method": "prefix", "num_virtual_tokens": 2, "init": "random", "seed": 1},
     "beta": {"method": "prefix", "num_virtual_tokens": 5, "init": "random", "seed": 2, "reparam": "mlp"},

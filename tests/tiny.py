@@ -220,6 +220,11 @@ POSITIVE = ["good", "great", "fine", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
 FILLER = ["the", "movie", "was", "a", "plot", "and", "very", "quite", "story", "film", "acting", "really"]
 WORDS = POSITIVE + NEGATIVE + FILLER + ["say", "title", ":"]
+CHAT_WORDS = ["user", "assistant", "system", ":", "|", ".", ","]  # a chat template of words this vocabulary knows
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} | {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
 
 
 def tokenizer(

@@ -93,6 +93,30 @@ def _read_jsonl(path: str, text: str) -> list[tuple[str, dict]]:
     return rows
 
 
+def read_records(path: str) -> tuple[list[tuple[str, dict]], list[str] | None]:
+    """A CSV/TSV, JSON or JSONL file as `(where, record)` pairs (and the CSV header), never empty."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PrefixTuneError(f"{path}: file not found")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".tsv", ".json", ".jsonl", ".ndjson"):
+        raise PrefixTuneError(
+            f"{path}: unsupported file type {ext or '(none)'!r}; expected .csv, .tsv, .json or .jsonl"
+        )
+    with open(path, "rb") as f:
+        text = decode_utf8(path, f.read())
+    header = None
+    if ext in (".csv", ".tsv"):
+        raw_rows, header = _read_csv(path, text, "\t" if ext == ".tsv" else ",")
+        if not header:
+            raise PrefixTuneError(f"{path}: the file is empty (no header, no rows)")
+    else:
+        raw_rows = _read_json(path, text) if ext == ".json" else _read_jsonl(path, text)
+    if not raw_rows:
+        raise PrefixTuneError(f"{path}: the data set is empty (no rows)")
+    return raw_rows, header
+
+
 def read_table(
     path: str,
     text_column: str = "text",
@@ -107,30 +131,13 @@ def read_table(
     pass the rows to :func:`encode_labels` to get class indices.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise PrefixTuneError(f"{path}: file not found")
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".csv", ".tsv", ".json", ".jsonl", ".ndjson"):
-        raise PrefixTuneError(
-            f"{path}: unsupported file type {ext or '(none)'!r}; expected .csv, .tsv, .json or .jsonl"
-        )
-    with open(path, "rb") as f:
-        text = decode_utf8(path, f.read())
-
+    raw_rows, header = read_records(path)
     wanted = [("text", text_column), ("label", label_column), ("target", target_column), ("group", group_column)]
     wanted = [(key, col) for key, col in wanted if col is not None]
-
-    if ext in (".csv", ".tsv"):
-        raw_rows, header = _read_csv(path, text, "\t" if ext == ".tsv" else ",")
-        if not header:
-            raise PrefixTuneError(f"{path}: the file is empty (no header, no rows)")
+    if header is not None:
         for _, col in wanted:
             if col not in header:
                 raise PrefixTuneError(f"{path}: column {col!r} not found; columns present: {', '.join(header)}")
-    else:
-        raw_rows = _read_json(path, text) if ext == ".json" else _read_jsonl(path, text)
-    if not raw_rows:
-        raise PrefixTuneError(f"{path}: the data set is empty (no rows)")
 
     rows = []
     for where, rec in raw_rows:

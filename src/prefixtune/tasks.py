@@ -144,6 +144,8 @@ def encode(
         raise PrefixTuneError(f"cannot train or evaluate a prefix for task {model.task!r}")
     if not rows:
         raise PrefixTuneError("the data set is empty (no rows)")
+    if "messages" in rows[0]:
+        return _encode_chat(model, tokenizer, rows, length_budget(model, max_length) - reserve, with_targets)
     texts = prompts(rows, template)
     budget = length_budget(model, max_length) - reserve
     kwargs: dict[str, Any] = {"mode": mode}
@@ -163,6 +165,31 @@ def encode(
     if mode == "causal_lm" and not with_targets:
         enc.pop("labels", None)
     return to_examples(enc)
+
+
+def _encode_chat(model: Any, tokenizer: Any, rows: Sequence[dict], max_length: int, with_targets: bool) -> list[dict]:
+    """Conversations through the tokenizer's chat template (see `chat.py`): learnt turns, or prompts to answer."""
+    from prefixtune import chat
+
+    if model.task != "causal_lm":
+        raise PrefixTuneError(f"chat data trains a decoder (causal_lm); this prefix is for {model.task}")
+    if any("messages" not in r for r in rows):
+        raise PrefixTuneError("a data set mixes conversations with plain text rows; use one format")
+    budget = max_length - model.positions_used
+    if with_targets:
+        return chat.encode(tokenizer, rows, budget)
+    examples = []
+    for row in rows:  # the conversation so far, ending in the template's assistant opening
+        ids = tokenizer(chat.generation_prompt(tokenizer, row["messages"]), add_special_tokens=False)["input_ids"]
+        ids = list(ids)[-budget:]
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    return examples
+
+
+def conversation_to_answer(row: dict) -> tuple[list[dict], str]:
+    """A chat row as (the turns before its last assistant turn, that turn's text): a generation reference."""
+    last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+    return row["messages"][:last], row["messages"][last]["content"]
 
 
 def batches(
@@ -258,7 +285,7 @@ def lm_loss(
 def generate(
     model: Any,
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Sequence[str | list[dict]],
     max_length: int = 512,
     max_new_tokens: int = 32,
     batch_size: int = 16,
@@ -272,7 +299,7 @@ def generate(
     """Generated continuations (causal LM) or outputs (seq2seq) for every text, in input order."""
     if model.task not in ("causal_lm", "seq2seq_lm"):
         raise PrefixTuneError(f"generate needs a causal_lm or seq2seq_lm prefix, this one is for {model.task}")
-    rows = [{"text": t} for t in texts]
+    rows = [{"messages": t} if isinstance(t, list) else {"text": t} for t in texts]  # a list: turns to answer
     causal = model.task == "causal_lm"
     examples = encode(
         model, tokenizer, rows, max_length, template, with_targets=False, reserve=max_new_tokens if causal else 0
@@ -313,10 +340,11 @@ def evaluate(
     metrics = {"loss": lm_loss(model, tokenizer, rows, max_length, batch_size, template, max_target_length, bf16)}
     metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     if with_generation:
+        pairs = [conversation_to_answer(r) if "messages" in r else (r["text"], r["target"]) for r in rows]
         outputs = generate(
-            model, tokenizer, [r["text"] for r in rows], max_length, max_new_tokens, batch_size, template, bf16=bf16
+            model, tokenizer, [p for p, _ in pairs], max_length, max_new_tokens, batch_size, template, bf16=bf16
         )
-        metrics.update(generation_metrics(outputs, [r["target"] for r in rows]))
+        metrics.update(generation_metrics(outputs, [t for _, t in pairs]))
     return metrics
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixtune import serialization
+from prefixtune.chat import FORMATS as CHAT_FORMATS
 from prefixtune.cli.data import load_data, load_training_data
 from prefixtune.cli.options import RECIPE, SERVE_KEYWORDS, VERB_HELP, VERB_OPTIONS, Option, resolve_options
 from prefixtune.cli.prepare import build_model
@@ -46,7 +47,8 @@ def train(**options: Any) -> TrainResult:
     baselines.check(opts["baseline"])
     splits, label_names = load_training_data(opts)
     model, tokenizer, train_cfg = build_model(opts, splits["train"], label_names)
-    info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"]}
+    info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"],
+            "data_format": opts.get("data_format", "text")}  # fmt: skip
     result = train_prefix(model, tokenizer, splits["train"], splits["validation"], train_cfg, info)
     if _is_main_process():  # under `accelerate launch` the other processes are done
         _report(model, tokenizer, splits, opts, result)
@@ -164,16 +166,21 @@ def generate(**options: Any) -> list[dict]:
         raise PrefixTuneError("nothing to generate for: give --prompt or --input")
     model, tokenizer, info = _load_saved(opts)
     gen = {k: opts[k] for k in ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p")}
+    chat_trained = info.get("data_format") in CHAT_FORMATS
+    if chat_trained:  # served the way it learnt: each prompt a user turn, through the chat template
+        print("note: the prefix learnt chat data; each prompt is a user turn in the chat template", file=sys.stderr)
     records = tasks.predict(
         model,
         tokenizer,
-        texts,
+        [[{"role": "user", "content": t}] for t in texts] if chat_trained else texts,
         None,
         opts["max_length"] or info.get("max_length") or 512,
         opts["batch_size"],
         info.get("template", "{text}"),
         **gen,
     )
+    for record, text in zip(records, texts, strict=True):
+        record["text"] = text
     tasks.write_records(records, opts["output"], opts["format"])
     return records
 

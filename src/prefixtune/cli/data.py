@@ -15,18 +15,64 @@ def _limit(rows: list[dict], n: int | None) -> list[dict]:
     return rows[:n] if n else rows
 
 
-def _file_rows(path: str, opts: dict, generation: bool) -> list[dict]:
-    from prefixtune.data import read_table
+FORMAT_NOTES = {
+    "messages": "messages (rendered with the tokenizer's chat template; loss on assistant turns only)",
+    "prompt_completion": "conversational prompt/completion (the chat template; loss on the completion only)",
+    "text_pair": "prompt/completion text (no template; loss on the completion only)",
+}
 
+
+def data_format(record: dict, opts: dict) -> str:
+    """The format of a data set, from its first record's columns (TRL's names), unless columns were named."""
+    from prefixtune import chat
+
+    found = chat.record_format(record)
+    named = opts.get("text_column") not in (None, "text") or opts.get("target_column") is not None
+    return "text" if named and found == "text_pair" else found
+
+
+def _conversation_rows(records: list[tuple[str, dict]], kind: str) -> list[dict]:
+    from prefixtune import chat
+
+    if kind == "text_pair":
+        return [{"text": str(rec["prompt"]), "target": str(rec["completion"])} for _, rec in records]
+    return [chat.to_row(rec, where) for where, rec in records]
+
+
+def _file_rows(path: str, opts: dict, generation: bool) -> list[dict]:
+    from prefixtune.data import read_records, read_table
+
+    records, _ = read_records(path)
+    kind = data_format(records[0][1], opts)
+    if kind != "text":
+        return _conversation_rows([(f"{path}: {w}", r) for w, r in records], kind)
     label = None if generation else opts["label_column"]
     target = opts["target_column"] if generation else None
     return read_table(path, opts["text_column"], label, target, opts.get("group_column"))
+
+
+def _peek_format(opts: dict, files: dict[str, str]) -> str:
+    """Which format the given files or hub data set hold (a conversation format makes the task generation)."""
+    from prefixtune.data import load_hub_dataset, read_records
+
+    if opts.get("hub_dataset"):
+        first = next(iter(load_hub_dataset(opts["hub_dataset"], opts["hub_config"]).values()))
+        return data_format(first[0], opts) if first else "text"
+    if files:
+        records, _ = read_records(next(iter(files.values())))
+        return data_format(records[0][1], opts)
+    return "text"
 
 
 def _hub_rows(opts: dict, generation: bool) -> dict[str, list[dict]]:
     from prefixtune.data import load_hub_dataset
 
     raw = load_hub_dataset(opts["hub_dataset"], opts["hub_config"])
+    kind = opts.get("data_format", "text")
+    if kind != "text":
+        return {("validation" if split in ("validation", "valid", "dev") else split): _conversation_rows(
+            [(f"hub data set {opts['hub_dataset']!r} split {split!r} row {i}", r) for i, r in enumerate(records)], kind)
+            for split, records in raw.items()}  # fmt: skip
     wanted = {"text": opts["text_column"]}
     wanted.update({"target": opts["target_column"]} if generation else {"label": opts["label_column"]})
     if opts.get("group_column"):
@@ -55,7 +101,14 @@ def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[st
     files = {s: opts.get(f"{s}_file") for s in ("train", "validation", "test") if opts.get(f"{s}_file")}
     if len(sources) + bool(files) != 1:
         raise PrefixTuneError("give exactly one data source: --dataset, --hub-dataset, or --train-file/--test-file")
-    generation = opts.get("target_column") is not None or opts.get("task") in ("causal_lm", "seq2seq_lm")
+    opts["data_format"] = "text" if opts.get("dataset") else _peek_format(opts, files)
+    if opts["data_format"] != "text":
+        print(f"note: data format: {FORMAT_NOTES[opts['data_format']]}", file=sys.stderr)
+    generation = (
+        opts.get("target_column") is not None
+        or opts.get("task") in ("causal_lm", "seq2seq_lm")
+        or opts["data_format"] != "text"
+    )
     if opts.get("dataset"):
         ds = load_builtin_dataset(opts["dataset"], seed=opts.get("data_seed") or 0)
         splits = {k: list(v) for k, v in ds.splits.items()}
@@ -63,7 +116,7 @@ def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[st
         if label_names is not None and names is not None and list(label_names) != list(names):
             raise PrefixTuneError(f"the prefix was trained on labels {label_names}, {opts['dataset']} has {names}")
     else:
-        if generation and opts.get("target_column") is None:
+        if generation and opts.get("target_column") is None and opts["data_format"] == "text":
             raise PrefixTuneError("generation data needs --target-column (the column holding the target text)")
         if opts.get("hub_dataset"):
             splits = _hub_rows(opts, generation)
