@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
+import logging
 import random
 import shutil
 import socket
@@ -619,3 +620,22 @@ def test_prefixes_load_on_demand_within_a_bound(tmp_path_factory):
         assert sorted(srv.bank.names()) == ["alpha", "beta"]
     finally:
         server.close()
+
+
+def test_a_raw_text_prefix_served_through_chat_is_warned_about_once(llama, caplog):
+    """A prefix whose training record says raw text gets a warning on the chat endpoint; a chat-trained one none."""
+    folder = llama["root"] / "prefixes" / "alpha"
+    record = folder / "prefixtune_train.json"
+    try:
+        for fmt, warned in (("messages", False), ("text", True)):
+            record.write_text(json.dumps({"data_format": fmt}))
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="prefixtune.server"):
+                chat(llama["api"], "alpha", PROMPTS[0], 3)
+                chat(llama["api"], "alpha", PROMPTS[1], 3)
+                complete(llama["api"], "alpha", PROMPTS[0], 3)
+            said = [r.getMessage() for r in caplog.records if "trained on raw text" in r.getMessage()]
+            assert said == (["prefix 'alpha' was trained on raw text (text), not chat: the chat template is new to it"]
+                            if warned else [])  # fmt: skip
+    finally:
+        record.unlink(missing_ok=True)

@@ -166,6 +166,10 @@ def _head(ident: str, kind: str, model: str) -> dict:
 async def generate(srv: PrefixServer, request: Request, body: CompletionRequest | ChatRequest) -> Response:
     chat = isinstance(body, ChatRequest)
     prefix = await srv.lookup(body.model, "generate")
+    warning = srv.chat_mismatch(prefix) if chat else None
+    if warning and warning not in srv.warned:  # once per prefix, in the server's log
+        srv.warned.add(warning)
+        log.warning(warning)
     if chat:
         ids = await asyncio.to_thread(srv.encode_chat, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or srv.room(ids, prefix)

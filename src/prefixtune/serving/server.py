@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prefixtune import serialization, tasks
+from prefixtune.chat import FORMATS as CHAT_FORMATS
 from prefixtune.collection import PrefixCollection
 from prefixtune.errors import PrefixTuneError
 from prefixtune.model import PrefixModel
@@ -53,6 +54,7 @@ class PrefixServer:
         self.vocab = model.get_input_embeddings().num_embeddings
         self.max_positions = tasks.max_positions(model)
         self.created = int(time.time())
+        self.warned: set[str] = set()  # warnings already logged (a chat request per token would repeat them)
 
     def _batcher(self, s: Settings) -> Batcher:
         """The continuous scheduler where the model allows it and it is asked for, else the dynamic batcher."""
@@ -148,6 +150,18 @@ class PrefixServer:
         if any(not 0 <= t < self.vocab for p in prompts for t in p):
             raise RequestError(400, f"prompt token ids must be in [0, {self.vocab})")
         return prompts
+
+    def chat_mismatch(self, prefix: str | None) -> str | None:
+        """Why serving `prefix` through the chat template differs from how it learnt, or None.
+
+        A prefix trained on raw text saw no template; a chat endpoint wraps its prompts in one. The
+        training record says which (a prefix without one, e.g. converted from PEFT, is not judged)."""
+        if prefix is None:
+            return None
+        trained = tasks.read_train_info(self.folder.root / prefix).get("data_format")
+        if trained is None or trained in CHAT_FORMATS:
+            return None
+        return f"prefix {prefix!r} was trained on raw text ({trained}), not chat: the chat template is new to it"
 
     def encode_chat(self, messages: list[ChatMessage]) -> list[list[int]]:
         """Token ids of a conversation through the tokenizer's chat template, ready for the assistant's turn."""
