@@ -13,6 +13,7 @@ import torch
 
 from prefixtune.config import documented
 from prefixtune.errors import PrefixTuneError
+from prefixtune.train.tracking import TRACKERS, check_tracker
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -98,6 +99,12 @@ class TrainConfig:
         False,
     )
     progress: bool = documented("Show a progress bar with loss, speed and ETA.", True)
+    report_to: str = documented(
+        f"Experiment tracker that also gets every metrics.jsonl line (as train/loss, eval/accuracy, ...), through "
+        f"Accelerate: {' | '.join(TRACKERS)}. TensorBoard writes under output_dir; the others need their own "
+        "setup (login, server). Install them with pip install 'prefixtune[trackers]'.",
+        "none",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,6 +135,7 @@ class TrainConfig:
             raise PrefixTuneError(f"time_limit must be a positive number of seconds, got {self.time_limit!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise PrefixTuneError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        check_tracker(self.report_to)
         if "{text}" not in self.template:
             raise PrefixTuneError(f"template {self.template!r} must contain {{text}}")
 

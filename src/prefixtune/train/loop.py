@@ -26,10 +26,10 @@ from prefixtune import serialization, tasks
 from prefixtune.core import layer_cache
 from prefixtune.data import collate
 from prefixtune.errors import PrefixTuneError
-from prefixtune.train import defaults
+from prefixtune.train import defaults, tracking
 from prefixtune.train.checkpoints import CHECKPOINTS, LATEST, TrainState, load_checkpoint, save_checkpoint
 from prefixtune.train.config import TrainConfig, TrainResult, better, build_optimizer, build_scheduler, metric_name
-from prefixtune.train.run_log import CURVES, METRICS_LOG, MetricsLog, plot_curves, summary_table
+from prefixtune.train.run_log import CURVES, METRICS_LOG, plot_curves, summary_table
 
 
 def _has_accelerator() -> bool:
@@ -124,7 +124,11 @@ class Trainer:
         self.out = Path(config.output_dir)
         # bf16 is our own autocast rather than Accelerate's mixed_precision, which is fixed once per process.
         # With no GPU, `cpu=True` is what lets Accelerate join a multi-process launch as gloo CPU ranks.
-        self.accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, cpu=not _has_accelerator())
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.grad_accum,
+            cpu=not _has_accelerator(),
+            **tracking.accelerator_options(config.report_to, self.out),
+        )
         self.main = self.accelerator.is_main_process
         set_seed(config.seed)
         examples = tasks.encode(
@@ -159,9 +163,10 @@ class Trainer:
         self.state = TrainState()
         if cfg.resume:
             self.state = load_checkpoint(self.out, self.accelerator, self.model, self.optimizer, self.scheduler, cfg)
-        self.log = MetricsLog(self.out / METRICS_LOG, self.main)
+        self.log = tracking.TrackedLog(self.out / METRICS_LOG, self.main, self.accelerator, cfg.report_to)
         if self.main:
             self._start_files()
+        self.log.start(cfg, self.unwrapped.prefix_config, self.info)
         self.last_eval: dict[str, float] = {}
         self.evaluated_at = -1
         self.micro_losses: list[float] = []
@@ -338,6 +343,7 @@ class Trainer:
         )
         if self.main and self.stop != "interrupted":
             print(summary_table(result_rows(result)))
+        self.log.end()
         return result
 
     # ----------------------------------------------------------------------------------- helpers
@@ -413,8 +419,11 @@ def train(
     cache = layer_cache.cached_lower_layers(model) if config.cache_frozen_layers else contextlib.nullcontext()
     with cache:
         trainer = Trainer(model, tokenizer, train_rows, eval_rows, config, info)
-        trainer.fit(stop_hook, eval_hook)
-        return trainer.finish()
+        try:
+            trainer.fit(stop_hook, eval_hook)
+            return trainer.finish()
+        finally:
+            trainer.log.end()  # also when a bad step or Ctrl-C ends the run: the tracker's run is closed
 
 
 def result_rows(result: TrainResult) -> list[tuple[str, Any]]:
