@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import serialization
+from prefixtune import serialization, trl_support
 from prefixtune.config import PrefixConfig
 from prefixtune.core import attention, batching, hooks, pooling
 from prefixtune.core.discovery import Layout, modules_by_slot, probe
@@ -235,11 +235,20 @@ class PrefixModel(nn.Module):
         finally:
             self._enabled = previous
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Non-reentrant checkpointing, with the prefix restored while activations are recomputed."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Non-reentrant checkpointing, with the prefix restored while activations are recomputed.
+
+        `transformers.Trainer` (5.x) calls this name; forwarded to the base model as it is, the
+        recomputation would run without the prefix and differ from the forward pass."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
         kwargs.update(use_reentrant=False, context_fn=_checkpoint_contexts)
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.base_model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """The older name of `activation_checkpointing_enable`, which PEFT users and TRL still call."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     @property
     def positions_used(self) -> int:
@@ -261,6 +270,12 @@ class PrefixModel(nn.Module):
     def config(self) -> Any:
         """The base model's config, which Trainer and generate look up."""
         return self.base_model.config
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # TRL's SFTTrainer swaps in a forward that expects `base_model` to be a backbone: it goes one level down
+        if name == "forward" and trl_support.redirect_forward_patch(self, value):
+            return
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -120,6 +120,24 @@ def _widen_mask(
     return torch.cat([head, mask], dim=-1)
 
 
+def _packed_mask(mask: torch.Tensor | None, query: torch.Tensor, kv_len: int, kwargs: dict) -> torch.Tensor | None:
+    """A packed row (documents laid end to end, `cu_seq_lens_q` giving their bounds, as TRL packs them): each
+    document attends causally to itself only, so that, with the prefix columns in front, every document sees
+    the prefix and nothing of its neighbours, as it would alone. Other calls keep their mask."""
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[0] != 1 or query.shape[2] != kv_len or int(bounds[-1]) != kv_len:
+        return mask
+    doc = torch.bucketize(torch.arange(kv_len, device=query.device), bounds[1:].to(query.device), right=True)
+    pos = torch.arange(kv_len, device=query.device)
+    body = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    body = body[None, None]
+    if mask is None:
+        return body
+    if mask.dtype == torch.bool:
+        return mask[..., :kv_len] & body
+    return mask[..., :kv_len].masked_fill(~body, torch.finfo(mask.dtype).min)
+
+
 def _base_function(base: str, module: nn.Module):
     if base == "eager":  # each family keeps its own eager function beside its modules
         return sys.modules[type(module).__module__].eager_attention_forward
@@ -174,6 +192,7 @@ def _make_attention(base: str):
         plen = pk.shape[2]
         key = torch.cat([pk, key], dim=2)
         value = torch.cat([pv, value], dim=2)
+        attention_mask = _packed_mask(attention_mask, query, kv_len, kwargs)
         if base in flash.BASES:
             reason = flash.why_not(kwargs)
             if reason is None:

@@ -46,6 +46,8 @@ def why_not(kwargs: dict) -> str | None:
     """Why this call cannot take the flash path with a prefix, or None when it can."""
     if top_left_causal():
         return "flash-attn before 2.1 aligns causal masks top-left, which would hide keys behind the prefix"
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return "packed documents would share one prefix copy in the variable-length layout"
     for name in ("position_bias", "sliding_window", "s_aux"):
         if kwargs.get(name) is not None:
             return f"a flash kernel cannot keep the prefix visible with {name}"
