@@ -24,6 +24,7 @@ from prefixtune.cli.data import load_data, load_training_data
 from prefixtune.cli.options import RECIPE, SERVE_KEYWORDS, VERB_HELP, VERB_OPTIONS, Option, resolve_options
 from prefixtune.cli.prepare import build_model
 from prefixtune.errors import PrefixTuneError
+from prefixtune.model_card import TEST_METRICS
 from prefixtune.train import TrainConfig, TrainResult, evaluate_rows
 from prefixtune.train import train as train_prefix
 
@@ -45,6 +46,10 @@ def train(**options: Any) -> TrainResult:
     if not opts["model"]:
         raise PrefixTuneError("train needs --model (minilm, smollm2, a folder or a hub name)")
     baselines.check(opts["baseline"])
+    if opts["push_to_hub"]:
+        from prefixtune import hub
+
+        hub.check_repo_id(opts["push_to_hub"])  # now, not after the run
     splits, label_names = load_training_data(opts)
     model, tokenizer, train_cfg = build_model(opts, splits["train"], label_names)
     info = {"model": opts["model"], "label_names": label_names, "dataset": opts["dataset"],
@@ -52,7 +57,17 @@ def train(**options: Any) -> TrainResult:
     result = train_prefix(model, tokenizer, splits["train"], splits["validation"], train_cfg, info)
     if _is_main_process():  # under `accelerate launch` the other processes are done
         _report(model, tokenizer, splits, opts, result)
+        if opts["push_to_hub"]:
+            _push(result.output_dir, opts)
     return result
+
+
+def _push(folder: str, opts: dict) -> None:
+    """Upload the trained prefix with its model card, which reads the test metrics `_report` just wrote."""
+    from prefixtune import hub
+
+    url = hub.push_to_hub(folder, opts["push_to_hub"], private=opts["hub_private"], revision=opts["hub_revision"])
+    print(f"pushed to the hub: {url}")
 
 
 def _report(model: Any, tokenizer: Any, splits: dict[str, list[dict]], opts: dict, result: TrainResult) -> None:
@@ -84,7 +99,7 @@ def _report(model: Any, tokenizer: Any, splits: dict[str, list[dict]], opts: dic
         _print_table(rows, f"{split} accuracy beside the baselines ({len(scored)} rows)")
         metrics = {**prefix, "baselines": found}
     if metrics:
-        name = "test_metrics.json" if test_rows else "validation_baselines.json"
+        name = TEST_METRICS if test_rows else "validation_baselines.json"
         serialization.write_json(Path(cfg.output_dir) / name, metrics)
 
 

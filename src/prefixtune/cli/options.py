@@ -112,6 +112,19 @@ TRAIN_OPTIONS = [
         "head, on cached features: one forward pass), tfidf (TF-IDF + logistic regression; scikit-learn), or none.",
     ),
 ]
+# After a successful `train` only (not `tune`): the prefix, its training record and a model card go to the hub.
+HUB_OPTIONS = [
+    Option(
+        "push_to_hub",
+        str,
+        None,
+        "After a successful run, upload the prefix with a model card (README.md) to this Hugging Face Hub "
+        "repository, user/name (created if missing; the token of `hf auth login` or HF_TOKEN). Only the prefix "
+        "files and the card are sent: no checkpoints, logs or pickle.",
+    ),
+    Option("hub_revision", str, None, "Branch of the --push-to-hub repository to upload to (made from main if new)."),
+    Option("hub_private", bool, False, "Create the --push-to-hub repository as a private one."),
+]
 RECIPE = Option("recipe", str, None, "YAML or JSON file of options (same names as the flags); flags win.")
 PREFIX_DIR = Option("prefix", str, None, "Folder of a saved prefix (the output folder of `train`).", flag="--prefix")
 OUTPUT = Option("output", str, None, "Write here (atomically) instead of stdout; .csv gives CSV, else JSONL.")
@@ -220,7 +233,14 @@ TUNE_OPTIONS = [
 _SERVER = Settings()  # the one home of each server default
 SERVE_OPTIONS = [
     Option("model", str, None, "Base model: a folder, a hub name, or a built-in alias (smollm2, minilm)."),
-    Option("prefixes", str, None, "Folder with one subfolder per prefix (created if missing); watched."),
+    Option(
+        "prefixes",
+        str,
+        None,
+        "Folder with one subfolder per prefix (created if missing); watched. Hub prefixes too, comma-separated: "
+        "NAME=user/repo (or user/repo@revision, or NAME=a prefix folder) or a bare user/repo (named after the "
+        "repository), fetched once at start and copied into the folder (a temporary one when none is given).",
+    ),
     Option("host", str, "127.0.0.1", "Address to listen on."),
     Option("port", int, 8000, "Port."),
     Option(
@@ -269,7 +289,7 @@ SERVE_KEYWORDS = {
     "threads": "num_threads",
 }
 VERB_OPTIONS: dict[str, list[Option]] = {
-    "train": [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS],
+    "train": [*MODEL_OPTIONS, *DATA_OPTIONS, *PREFIX_OPTIONS, *TRAIN_OPTIONS, *HUB_OPTIONS],
     "evaluate": EVAL_OPTIONS,
     "predict": PREDICT_OPTIONS,
     "generate": GENERATE_OPTIONS,
