@@ -7,7 +7,7 @@ with `--quick` so CI keeps it working. It measures, in bf16 (float32 with `--qui
 - a training step (time, peak CUDA memory) at 512, 2k and 4k tokens: prefixtune over flash and over
   SDPA, PEFT prefix tuning, and the frozen model backpropagating to its inputs;
 - generation tokens/s for the same variants, and a mixed-prefix batch against a one-prefix batch.
-Then it writes `benchmarks/results/gpu.json` and its own section of BENCHMARKS.md, with the GPU named.
+Then it writes `benchmarks/results/gpu.json` and regenerates BENCHMARKS.md, whose GPU section names the GPU.
 The continuous-batching server is not in it: that scheduler is CPU-measured (issue 17).
 
     python -m benchmarks.gpu            # on a CUDA machine
@@ -32,7 +32,6 @@ from prefixtune.assets import smollm2_path
 from prefixtune.collection import PrefixCollection
 
 PREFIX = 16
-SECTION = "## On a GPU"
 
 
 def flash_available() -> bool:
@@ -169,8 +168,9 @@ def generation_rows(path: str, device: str, dtype: torch.dtype, new: int, repeat
 
 
 def section(r: dict) -> str:
-    lines = [SECTION, "", f"Command: `python -m benchmarks.gpu`. Device: {r['device']}; dtype {r['dtype']}; "
-             f"SmolLM2-135M, prefix {PREFIX}, batch 1 for training.", ""]  # fmt: skip
+    """This group's part of BENCHMARKS.md (rendered by `benchmarks.report`, which adds the heading and command)."""
+    lines = [f"Device: {r['device']}; dtype {r['dtype']}; flash-attn installed: {r['flash']}. SmolLM2-135M, prefix "
+             f"{PREFIX}, batch 1 for training.", ""]  # fmt: skip
     lines += ["Correctness: " + ", ".join(f"{k} = {v}" for k, v in r["correctness"].items()), ""]
     names = list(next(iter(r["train"].values()))["step_s"])
     lines += ["| tokens | " + " | ".join(f"{n} step (ms) / peak (MiB)" for n in names) + " |",
@@ -191,22 +191,8 @@ def section(r: dict) -> str:
         f"{n} {v:.0f} tok/s" for n, v in r["generation"]["generate_tok_s"].items())]  # fmt: skip
     mixed = r["generation"]["mixed_batch_s"]
     lines += ["", "Mixed-prefix forward (one batch of rows, 4 prefixes against 1): " + ", ".join(
-        f"{n} {v * 1e3:.1f} ms" for n, v in mixed.items()), ""]  # fmt: skip
+        f"{n} {v * 1e3:.1f} ms" for n, v in mixed.items())]  # fmt: skip
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path) -> None:
-    """Replace (or add) this script's section of BENCHMARKS.md, leaving the others as they are."""
-    doc = path.read_text(encoding="utf-8")
-    start = doc.find(SECTION)
-    if start >= 0:
-        end = doc.find("\n## ", start + len(SECTION))
-        doc = doc[:start] + text + (doc[end + 1 :] if end >= 0 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -230,10 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["wall_s"] = time.perf_counter() - start
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / ("gpu-quick.json" if args.quick else "gpu.json")).write_text(json.dumps(result, indent=2))
-    text = section(result)
     if not args.quick:
-        write_section(text, Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
-    print(text)
+        from benchmarks import report
+
+        report.write(Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    print(section(result))
     return result
 
 

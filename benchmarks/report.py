@@ -528,6 +528,18 @@ def _defaults(r: dict) -> str:
     return "\n".join(out)
 
 
+def _gpu(r: dict) -> str:
+    from benchmarks.gpu import section
+
+    return section(r)
+
+
+def _chat(r: dict) -> str:
+    from benchmarks.chat import section
+
+    return section(r)
+
+
 SECTIONS: list[tuple[str, str, Any]] = [
     ("speed", "Speed and memory against PEFT and the frozen model", _speed),
     ("classification", "Classification quality", _classification),
@@ -535,6 +547,8 @@ SECTIONS: list[tuple[str, str, Any]] = [
     ("serving", "Many prefixes on one model", _serving),
     ("scaling", "Scaling with prefix and sequence length", _scaling),
     ("defaults", "Defaults, search and baselines", _defaults),
+    ("chat", "Chat data: a headline prefix served through the chat endpoint", _chat),
+    ("gpu", "On a GPU", _gpu),
 ]
 
 

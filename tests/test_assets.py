@@ -92,13 +92,27 @@ def test_bbc_bad_task():
 
 
 def test_builtin_datasets():
-    assert set(assets.BUILTIN_DATASETS) == {"rotten_tomatoes", "bbc_topic", "bbc_headline"}
+    assert set(assets.BUILTIN_DATASETS) == {"rotten_tomatoes", "bbc_topic", "bbc_headline", "bbc_headline_chat"}
     rt = assets.load_builtin_dataset("rotten_tomatoes")
     assert rt.label_names == ["negative", "positive"] and rt.label_column == "label"
     head = assets.load_builtin_dataset("bbc_headline")
     assert head.label_names is None and head.target_column == "target" and len(head["test"]) == 222
-    with pytest.raises(PrefixTuneError, match="known: bbc_headline, bbc_topic, rotten_tomatoes"):
+    with pytest.raises(PrefixTuneError, match="known: bbc_headline, bbc_headline_chat, bbc_topic, rotten_tomatoes"):
         assets.load_builtin_dataset("sst2")
+
+
+def test_the_headline_conversations_are_the_headline_rows_asked_for():
+    from prefixtune import chat
+
+    plain, chats = assets.load_builtin_dataset("bbc_headline"), assets.load_builtin_dataset("bbc_headline_chat")
+    for split in ("train", "test"):
+        assert len(chats[split]) == len(plain[split])
+        for row, conv in zip(plain[split][:20], chats[split][:20], strict=True):
+            assert chat.to_row(conv, split)["messages"] == conv["messages"]  # a valid conversation
+            user, answer = conv["messages"]
+            assert answer == {"role": "assistant", "content": row["target"]}
+            opening = user["content"].split("\n\n", 1)[1]
+            assert row["text"].split()[: assets.HEADLINE_WORDS] == opening.split()
 
 
 def test_bad_split_fractions():

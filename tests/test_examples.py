@@ -79,3 +79,19 @@ def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path
     assert [r["text"] for r in result["predictions"]] == SENTENCES
     assert [r["label"] for r in result["predictions"]] == ["positive", "negative", "positive", "negative"]
     assert serialization.read_config(tmp_path / "demo")["task"] == "classification"
+
+
+def test_trl_example_trains_saves_and_reloads(tmp_path):
+    """examples/trl_sft.py on the bundled BBC conversations, with a tiny chat model and a few steps."""
+    pytest.importorskip("trl")
+    tok = tiny.tokenizer("decoder", tiny.CHAT_WORDS + tiny.WORDS, chat_template=tiny.CHAT_TEMPLATE)
+    model = tiny.make("llama", vocab_size=len(tok), pad_token_id=0, eos_token_id=3, bos_token_id=2)
+    model.save_pretrained(tmp_path / "chat-llama")
+    tok.save_pretrained(tmp_path / "chat-llama")
+    env = {**os.environ, "TRL_MODEL": str(tmp_path / "chat-llama"), "TRL_STEPS": "3", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "trl_sft.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trainable params" in proc.stdout and "headline:" in proc.stdout
+    saved = tmp_path / "trl-headline-prefix"
+    assert sorted(p.name for p in saved.iterdir()) == ["prefixtune_config.json", "prefixtune_model.safetensors"]

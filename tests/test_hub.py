@@ -303,3 +303,26 @@ def test_serving_places_hub_prefixes_in_the_folder(tmp_path, offline_cache):
     hub_only.sync()
     assert hub_only.names() == ["sentiment"] and hub_only.root != served
     shutil.rmtree(hub_only.root)
+
+
+# ------------------------------------------------------------------------------------ PrefixModel
+def test_from_pretrained_takes_a_hub_id_and_a_revision(tmp_path, offline_cache):
+    original = saved_prefix(tmp_path / "v1")
+    fill_cache(offline_cache, "user/name", original, refs=("main", "v1"))
+    by_id = PrefixModel.from_pretrained(tiny.make("llama"), "user/name")
+    by_tag = PrefixModel.from_pretrained(tiny.make("llama"), "user/name", revision="v1")
+    saved = PrefixModel.from_pretrained(tiny.make("llama"), original)
+    assert torch.equal(logits(by_id), logits(saved)) and torch.equal(logits(by_tag), logits(saved))
+    with pytest.raises(PrefixTuneError, match=r"'user/name' \(revision 'v9'\)"):
+        PrefixModel.from_pretrained(tiny.make("llama"), "user/name", revision="v9")
+
+
+def test_model_push_to_hub_sends_the_prefix_and_a_card(tmp_path, monkeypatch):
+    recorded = RecordedHub(monkeypatch)
+    model = attach(tiny.make("llama"), num_virtual_tokens=3, init="random")
+    url = model.push_to_hub("me/tiny", info={"dataset": "toy"})
+    assert url.endswith(COMMIT) and recorded.calls["create_repo"]["repo_id"] == "me/tiny"
+    assert sorted(recorded.sent) == ["README.md", "prefixtune_config.json", "prefixtune_model.safetensors"]
+    front, body = recorded.card()
+    assert front["library_name"] == "prefixtune" and "prefix" in front["tags"]
+    assert "| data set | toy |" in body

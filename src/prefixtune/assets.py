@@ -215,11 +215,28 @@ def _bbc_headline(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) 
     return TextDataset(splits, None, label_column=None, target_column="target")
 
 
+HEADLINE_WORDS = 100  # the article's opening a chat request quotes: where a news headline's facts are
+
+
+def _bbc_headline_chat(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> TextDataset:
+    """The headline task as conversations (TRL's `messages`): the user asks for a headline, the assistant gives it."""
+
+    def conversation(row: dict) -> dict:
+        opening = " ".join(row["text"].split()[:HEADLINE_WORDS])
+        ask = f"Write a headline for this news article.\n\n{opening}"
+        return {"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": row["target"]}]}
+
+    splits = load_bbc_news("headline", seed, val_frac, test_frac)
+    chats = {name: [conversation(r) for r in rows] for name, rows in splits.items()}
+    return TextDataset(chats, None, label_column=None, target_column=None)
+
+
 # Each loader: (seed=0, val_frac=0.1, test_frac=0.1) -> TextDataset with label names filled in.
 BUILTIN_DATASETS: dict[str, Callable[..., TextDataset]] = {
     "rotten_tomatoes": _rotten_tomatoes,
     "bbc_topic": _bbc_topic,
     "bbc_headline": _bbc_headline,
+    "bbc_headline_chat": _bbc_headline_chat,
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefixtune import serialization, trl_support
+from prefixtune import hub, serialization, trl_support
 from prefixtune.config import PrefixConfig
 from prefixtune.core import attention, batching, hooks, pooling
 from prefixtune.core.discovery import Layout, modules_by_slot, probe
@@ -303,11 +304,26 @@ class PrefixModel(nn.Module):
         }
         serialization.save_prefix(save_directory, record, self.state_tensors(keep_reparam))
 
+    def push_to_hub(self, repo_id: str, **options: Any) -> str:
+        """Upload this prefix (its two files and a generated model card) to a hub repository; the commit URL.
+
+        `options` are those of `hub.push_to_hub`: private, token, revision, commit_message, info."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return hub.push_to_hub(folder, repo_id, **options)
+
     @classmethod
     def from_pretrained(
-        cls, base_model: nn.Module, directory: str | Path, is_trainable: bool = False, tokenizer: Any = None
+        cls,
+        base_model: nn.Module,
+        directory: str | Path,
+        is_trainable: bool = False,
+        tokenizer: Any = None,
+        revision: str | None = None,
     ) -> PrefixModel:
-        """Attach a saved prefix to `base_model`; refuse it when it was made for another model."""
+        """Attach a saved prefix (a folder, or a hub id at `revision`) to `base_model`; refuse it when it was made
+        for another model."""
+        directory = hub.resolve(directory, revision)
         record = serialization.read_config(directory)
         unknown = sorted(set(record) - {"prefix", "task", "base_model"})
         if unknown or not isinstance(record.get("base_model"), dict):

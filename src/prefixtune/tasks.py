@@ -435,8 +435,10 @@ def load_prefix(directory: str | Path, model_name: str | None = None) -> tuple[A
     The base model comes from `model_name` or, when omitted, from the training record; label names
     and the head size come from the record or the saved head tensors.
     """
+    from prefixtune import hub
     from prefixtune.model import PrefixModel
 
+    directory = hub.resolve(directory)  # a folder, or a hub id
     record = serialization.read_config(directory)
     info = read_train_info(directory)
     name = model_name or info.get("model")

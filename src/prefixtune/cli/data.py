@@ -53,8 +53,14 @@ def _file_rows(path: str, opts: dict, generation: bool) -> list[dict]:
 
 def _peek_format(opts: dict, files: dict[str, str]) -> str:
     """Which format the given files or hub data set hold (a conversation format makes the task generation)."""
+    from prefixtune import chat
     from prefixtune.data import load_hub_dataset, read_records
 
+    if opts.get("dataset"):  # bundled rows are already in their canonical form
+        from prefixtune.assets import load_builtin_dataset
+
+        first = next(iter(load_builtin_dataset(opts["dataset"], seed=opts.get("data_seed") or 0).splits.values()))
+        return chat.record_format(first[0])
     if opts.get("hub_dataset"):
         first = next(iter(load_hub_dataset(opts["hub_dataset"], opts["hub_config"]).values()))
         return data_format(first[0], opts) if first else "text"
@@ -101,7 +107,7 @@ def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[st
     files = {s: opts.get(f"{s}_file") for s in ("train", "validation", "test") if opts.get(f"{s}_file")}
     if len(sources) + bool(files) != 1:
         raise PrefixTuneError("give exactly one data source: --dataset, --hub-dataset, or --train-file/--test-file")
-    opts["data_format"] = "text" if opts.get("dataset") else _peek_format(opts, files)
+    opts["data_format"] = _peek_format(opts, files)
     if opts["data_format"] != "text":
         print(f"note: data format: {FORMAT_NOTES[opts['data_format']]}", file=sys.stderr)
     generation = (
