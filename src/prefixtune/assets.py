@@ -215,7 +215,7 @@ def _bbc_headline(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) 
     return TextDataset(splits, None, label_column=None, target_column="target")
 
 
-HEADLINE_WORDS = 100  # the article's opening a chat request quotes: where a news headline's facts are
+HEADLINE_WORDS = 60  # the article's opening a chat request quotes: where a news headline's facts are
 
 
 def _bbc_headline_chat(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> TextDataset:
