@@ -27,6 +27,7 @@ from prefixtune.assets import resolve_model
 from prefixtune.errors import PrefixTuneError, first_line
 from prefixtune.serving.guards import BodyLimit, HeaderTimeoutH11Protocol
 from prefixtune.serving.limits import UVICORN_FIELDS, Settings
+from prefixtune.serving.playground_routes import install_playground
 from prefixtune.serving.routes import install_routes
 from prefixtune.serving.server import PrefixServer
 
@@ -92,6 +93,7 @@ def create_app(
     app = FastAPI(title="prefixtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.prefixtune = srv
     install_routes(app, srv)
+    install_playground(app, srv)
     app.add_middleware(BodyLimit, settings=settings)
     return app
 
