@@ -116,7 +116,7 @@ def test_resolve_refuses_a_repository_without_a_prefix(tmp_path, offline_cache):
 
 
 def test_resolve_refuses_what_is_neither_a_folder_nor_an_id(tmp_path):
-    with pytest.raises(PrefixTuneError, match="neither a local folder nor a hub id"):
+    with pytest.raises(PrefixTuneError, match="prefix folder .*missing.folder. does not exist"):
         hub.resolve(str(tmp_path / "missing" / "folder"))
     with pytest.raises(PrefixTuneError, match="revision .* is for hub ids only"):
         hub.resolve(saved_prefix(tmp_path / "p"), revision="main")

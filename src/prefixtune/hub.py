@@ -87,8 +87,9 @@ def resolve(source: str | os.PathLike, revision: str | None = None) -> Path:
             raise PrefixTuneError(f"{str(source)!r} is a local folder: a revision ({revision!r}) is for hub ids only")
         return path
     if not is_hub_id(source):
-        what = "is not a folder" if path.exists() else "is neither a local folder nor a hub id (user/name)"
-        raise PrefixTuneError(f"prefix {str(source)!r} {what}")
+        if path.exists():
+            raise PrefixTuneError(f"prefix {str(source)!r} is not a folder")
+        raise PrefixTuneError(f"prefix folder {str(source)!r} does not exist")  # nor is it a hub id user/name
     folder = _download(str(source), revision)
     _check_downloaded(folder, _where(str(source), revision))
     return folder
