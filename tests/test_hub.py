@@ -187,7 +187,7 @@ def test_push_sends_only_the_prefix_and_its_card(tmp_path, monkeypatch):
     assert recorded.calls["create_repo"] == {"repo_id": "me/headlines", "private": True, "exist_ok": True}
     assert "create_branch" not in recorded.calls
     upload = recorded.calls["upload_folder"]
-    assert upload["repo_id"] == "me/headlines" and Path(upload["folder_path"]) == folder and upload["revision"] is None
+    assert upload["repo_id"] == "me/headlines" and upload["revision"] is None
     assert sorted(recorded.sent) == ["README.md", "prefixtune_config.json", "prefixtune_model.safetensors",
                                      "prefixtune_train.json"]  # fmt: skip
     assert recorded.sent["README.md"] == (folder / "README.md").read_bytes()  # written into the folder first
@@ -252,6 +252,9 @@ def test_train_push_to_hub_uploads_the_run_with_its_test_metrics(tmp_path, monke
     assert f"pushed to the hub: https://huggingface.co/me/copy/commit/{COMMIT}" in capsys.readouterr().out
     assert recorded.calls["create_repo"]["private"] is True and recorded.calls["upload_folder"]["revision"] == "exp"
     assert "metrics.jsonl" not in recorded.sent and "prefixtune_train.json" in recorded.sent
+    sent_record = recorded.sent["prefixtune_train.json"].decode()  # no path of this machine leaves it
+    assert str(tmp_path) not in sent_record and json.loads(sent_record)["model"] == "gpt2"
+    assert "output_dir" in json.loads((out / "prefixtune_train.json").read_text())["train_config"]  # kept locally
     test = json.loads((out / "test_metrics.json").read_text())
     _, body = recorded.card()
     assert f"| loss | {test['loss']:.4f} |" in body

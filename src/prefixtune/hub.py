@@ -14,6 +14,8 @@ import contextlib
 import importlib
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -174,13 +176,29 @@ def push_to_hub(
 
     sent = [name for name in UPLOADED if (folder / name).is_file()]
     api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit: Any = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message, allow_patterns=sent
-        )
-    except _hub_failures() as exc:
-        raise PrefixTuneError(f"uploading {folder} to the {_where(repo_id, revision)} failed: {exc}") from exc
+    with tempfile.TemporaryDirectory() as staging:
+        for name in sent:
+            shutil.copyfile(folder / name, Path(staging) / name)
+        if (folder / TRAIN_INFO).is_file():
+            record = _without_local_paths(serialization.read_json_object(folder / TRAIN_INFO))
+            serialization.write_json(Path(staging) / TRAIN_INFO, record)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision is not None:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit: Any = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
+                                            commit_message=commit_message, allow_patterns=sent)  # fmt: skip
+        except _hub_failures() as exc:
+            raise PrefixTuneError(f"uploading {folder} to the {_where(repo_id, revision)} failed: {exc}") from exc
     return str(commit.commit_url)
+
+
+def _without_local_paths(record: dict) -> dict:
+    """The training record as the hub may see it: no output folder, and a local base-model folder by name only."""
+    record = dict(record)
+    if isinstance(record.get("train_config"), dict):
+        record["train_config"] = {k: v for k, v in record["train_config"].items() if k != "output_dir"}
+    model = record.get("model")
+    if isinstance(model, str) and (os.path.isabs(model) or Path(model).exists()):
+        record["model"] = Path(model).name
+    return record
