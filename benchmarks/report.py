@@ -406,11 +406,28 @@ def _serving(r: dict) -> str:
                      f"{many['spread_vs_one']:.2f} × ({many['rss_mb_loaded']:.0f} MiB resident)",
                      _mark(many["spread_vs_one"] >= 0.9)])  # fmt: skip
     s = r["setup"]
+    one_thread = _load("serving-threads1", False)
+    extra = ""
+    if one_thread and "continuous" in one_thread.get("server", {}):
+        new, old = one_thread["server"]["continuous"], one_thread["server"]["batch"]
+        lines = [[name, c, f"{run['tokens_per_s']:.1f}", f"{run['p50_s']:.2f}", f"{run['ttft_p50_s']:.2f}"]
+                 for name, runs in one_thread["server"].items() for c, run in runs.items()
+                 if c not in ("scheduler", "stats")]  # fmt: skip
+        extra = (
+            "\n\nThe server rows again, with the server's torch on 1 thread, so the second core serves HTTP and the "
+            "16 client processes (`python -m benchmarks.serving --parts server --threads 1 --out "
+            "benchmarks/results/serving-threads1.json`); not the published target row, which uses torch's default:\n\n"
+            + markdown_table(["scheduler", "clients", "tokens/s", "p50 latency (s)", "first token p50 (s)"], lines)
+            + f"\n\nWith 1 thread: continuous/batch tokens/s at 16 clients "
+            f"{new['16']['tokens_per_s'] / old['16']['tokens_per_s']:.2f} x, p50 latency "
+            f"{new['16']['p50_s'] / old['16']['p50_s']:.2f} x, 4 clients / 1 client "
+            f"{new['4']['tokens_per_s'] / new['1']['tokens_per_s']:.2f} x."
+        )
     return (f"SmolLM2-135M, {s['rows']} rows, prefix length {s['prefix_len']}, {s['new_tokens']} new tokens, "
             f"{s['threads']} threads. The server rows: 4 prefixes and the bare model, streamed greedy completions "
             f"with max_tokens drawn from {s.get('server_max_tokens', [32, 32])[0]}-"
             f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, the same requests for both "
-            f"schedulers.\n\n{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}")  # fmt: skip
+            f"schedulers.\n\n{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}{extra}")  # fmt: skip
 
 
 def _scaling(r: dict) -> str:
