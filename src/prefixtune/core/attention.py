@@ -27,10 +27,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from prefixtune.core import flash
+from prefixtune.core import flash, flex
 
 NAME_PREFIX = "prefixtune_"
-SUPPORTED_BASES = ("sdpa", "eager", *flash.BASES)
+SUPPORTED_BASES = ("sdpa", "eager", *flash.BASES, flex.BASE)
 
 
 @dataclass
@@ -53,6 +53,7 @@ class PrefixState:
     offset: torch.Tensor | int | None = None
     heads: dict[nn.Module, list[tuple[torch.Tensor | None, nn.Module]]] | None = None
     mean_pool: list[torch.Tensor | None] | None = None
+    built: dict = field(default_factory=dict)  # masks made once per call and reused by every layer (flex)
 
 
 _ACTIVE: ContextVar[PrefixState | None] = ContextVar("prefixtune_active", default=None)
@@ -193,6 +194,20 @@ def _make_attention(base: str):
         key = torch.cat([pk, key], dim=2)
         value = torch.cat([pv, value], dim=2)
         attention_mask = _packed_mask(attention_mask, query, kv_len, kwargs)
+        bias = kwargs.get("position_bias")
+        if bias is not None:  # T5 and others: no relative-position bias for the prefix columns, unless
+            head = bias.new_zeros(*bias.shape[:-1], plen)  # the family places the prefix (ALiBi)
+            if prefix_bias is not None:
+                head = head + prefix_bias(plen).to(head)
+            kwargs["position_bias"] = torch.cat([head, bias[..., :kv_len]], dim=-1)
+        if base == flex.BASE:
+            causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
+            visible = None if entry[2] is None else match_rows(entry[2], batch)
+            mask = flex.widen(attention_mask, query, kv_len, plen, visible, causal, state.built)
+            if mask is not None:
+                flash.say_once(f"prefix attention: {base}, its block mask widened by the prefix columns")
+                return fn(module, query, key, value, mask, *args, **kwargs)
+            fn = ALL_ATTENTION_FUNCTIONS["sdpa"]  # a tensor mask: widened as for SDPA below
         if base in flash.BASES:
             reason = flash.why_not(kwargs)
             if reason is None:
@@ -205,12 +220,6 @@ def _make_attention(base: str):
             attention_mask = flash.to_full(attention_mask, query.shape[2], kv_len, causal, window)
             fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
         attention_mask = _widen_mask(attention_mask, module, query, kv_len, plen, entry[2], kwargs.get("is_causal"))
-        bias = kwargs.get("position_bias")
-        if bias is not None:  # T5 and others: no relative-position bias for the prefix columns, unless
-            head = bias.new_zeros(*bias.shape[:-1], plen)  # the family places the prefix (ALiBi)
-            if prefix_bias is not None:
-                head = head + prefix_bias(plen).to(head)
-            kwargs["position_bias"] = torch.cat([head, bias[..., :kv_len]], dim=-1)
         if attention_mask is not None:
             kwargs.pop("is_causal", None)
         if base == "sdpa" and attention_mask is not None:
@@ -227,7 +236,7 @@ def register(base: str) -> str:
     """Register `prefixtune_<base>` (attention and mask) and return its name."""
     if base not in SUPPORTED_BASES:
         flash.say_once(f"prefix attention: sdpa instead of {base}, which has no prefix path here")
-        base = "sdpa"  # flex and other kernels: sdpa with the widened mask gives the same numbers
+        base = "sdpa"  # other kernels: sdpa with the widened mask gives the same numbers
     name = NAME_PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_attention(base))
