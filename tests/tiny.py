@@ -60,6 +60,10 @@ FAMILIES = {
         "encoder",
         lambda: tf.DebertaV2Config(**DEBERTA, position_buckets=8),
     ),
+    "deberta_v3": (  # DeBERTa-v3's settings: shared position keys, layer-normed relative embeddings
+        "encoder",
+        lambda: tf.DebertaV2Config(**DEBERTA, position_buckets=8, share_att_key=True, norm_rel_ebd="layer_norm"),
+    ),
     "deberta": ("encoder", lambda: tf.DebertaConfig(**DEBERTA)),
     "mpnet": (
         "encoder",
