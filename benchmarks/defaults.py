@@ -17,6 +17,7 @@ The test split chooses nothing anywhere; each point's test score is shown for th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import random
@@ -59,10 +60,14 @@ def _train(dataset: str, quick: bool, **options) -> dict:
 
 
 def _search(dataset: str, quick: bool, trials: int) -> dict:
-    """`prefixtune tune` on validation, then the best prefix scored once on test."""
+    """`prefixtune tune` on validation, then the best prefix scored once on test.
+
+    The full run keeps its study in `benchmarks/results/search/<dataset>/` (not in git), so a run cut short
+    continues where it stopped, as `prefixtune tune` does: on 2 cores one search takes longer than a session."""
     from prefixtune import cli
 
-    with tempfile.TemporaryDirectory() as out:
+    keep = None if quick else RESULTS / "search" / dataset
+    with tempfile.TemporaryDirectory() if keep is None else contextlib.nullcontext(str(keep)) as out:
         start = time.perf_counter()
         found = cli.tune(model="minilm", dataset=dataset, output_dir=out, trials=trials, progress=False,
                          **(QUICK if quick else {}))  # fmt: skip
