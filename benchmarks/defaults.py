@@ -62,8 +62,9 @@ def _train(dataset: str, quick: bool, **options) -> dict:
 def _search(dataset: str, quick: bool, trials: int) -> dict:
     """`prefixtune tune` on validation, then the best prefix scored once on test.
 
-    The full run keeps its study in `benchmarks/results/search/<dataset>/` (not in git), so a run cut short
-    continues where it stopped, as `prefixtune tune` does: on 2 cores one search takes longer than a session."""
+    The full run keeps its study (study.db, trials.jsonl, the best prefix) in `benchmarks/results/search/<dataset>/`,
+    committed with the other results, so a run cut short continues where it stopped, as `prefixtune tune` does:
+    on 2 cores one search can take longer than a working session."""
     from prefixtune import cli
 
     keep = None if quick else RESULTS / "search" / dataset
