@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import random
 import tempfile
 import time
@@ -59,6 +60,16 @@ def _train(dataset: str, quick: bool, **options) -> dict:
     }
 
 
+def _grid_point_steps(dataset: str) -> int:
+    """The steps of the grid's mean point, the budget a search trial is sized from (half, once or twice it):
+    trials the size of grid points, a third as many of them as grid points, is a third of the grid's compute
+    before any pruning."""
+    from prefixtune.assets import load_builtin_dataset
+
+    per_epoch = math.ceil(len(load_builtin_dataset(dataset)["train"]) / TrainConfig().batch_size)
+    return round(per_epoch * sum(GRID["epochs"]) / len(GRID["epochs"]))
+
+
 def _search(dataset: str, quick: bool, trials: int) -> dict:
     """`prefixtune tune` on validation, then the best prefix scored once on test.
 
@@ -71,7 +82,7 @@ def _search(dataset: str, quick: bool, trials: int) -> dict:
     with tempfile.TemporaryDirectory() if keep is None else contextlib.nullcontext(str(keep)) as out:
         start = time.perf_counter()
         found = cli.tune(model="minilm", dataset=dataset, output_dir=out, trials=trials, progress=False,
-                         **(QUICK if quick else {}))  # fmt: skip
+                         **(QUICK if quick else {"max_steps": _grid_point_steps(dataset)}))  # fmt: skip
         records = [json.loads(line) for line in (Path(out) / "trials.jsonl").read_text().splitlines()]
         tested = cli.evaluate(prefix=str(Path(out) / "best"), dataset=dataset, **(
             {"max_eval_samples": QUICK["max_eval_samples"]} if quick else {}))  # fmt: skip
