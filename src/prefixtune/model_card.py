@@ -8,7 +8,6 @@ config, the tensors and whatever the training run left beside them), and are ren
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,20 +60,18 @@ def _read_json(path: Path) -> dict:
 
 
 def _best_validation(folder: Path, task: str, train_config: dict) -> dict:
-    """The validation line of the kept prefix: the best one by the run's metric (lower is better for losses)."""
-    path = folder / METRICS_LOG
-    if not path.is_file():
-        return {}
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    evals = [r for r in lines if r.get("split") == "eval"]
-    metric = train_config.get("metric", "auto")
-    if metric == "auto":
-        metric = "accuracy" if task == "classification" else "loss"
-    scored = [r for r in evals if isinstance(r.get(metric), (int, float))]
-    if not scored:
-        return {}
-    sign = 1 if metric in ("loss", "perplexity") else -1
-    return min(scored, key=lambda r: (sign * r[metric], r["step"]))
+    """The validation line of the kept prefix: the first best one by the run's metric, by the trainer's own rules
+    (imported here: the training package imports the model, which imports the hub module this one serves)."""
+    from prefixtune.train.config import TrainConfig, better, metric_name
+    from prefixtune.train.run_log import MetricsLog
+
+    metric = metric_name(TrainConfig(metric=train_config.get("metric", "auto")), task)
+    best: dict = {}
+    for line in MetricsLog(folder / METRICS_LOG, enabled=False).records():  # a line cut by a crash is skipped
+        value = line.get(metric)
+        if line.get("split") == "eval" and isinstance(value, (int, float)) and better(metric, value, best.get(metric)):
+            best = line
+    return best
 
 
 def facts_of_folder(folder: str | os.PathLike, info: dict | None = None) -> Facts:

@@ -15,7 +15,7 @@ from prefixtune import model_card, serialization
 from prefixtune.errors import PrefixTuneError
 from prefixtune.serving.limits import NAME_RE, RequestError
 
-# train.run_log.CURVES, spelled here so that serving does not import the training loop (the tests check they agree)
+# train.run_log.CURVES, spelled here so that serving does not import the training loop at start (tests check they agree)
 CURVES = "curves.png"
 # Every file `card` and `curves` may read; nothing else in a prefix folder is ever opened for a request.
 READ = (
