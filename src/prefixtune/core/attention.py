@@ -200,8 +200,8 @@ def _make_attention(base: str):
             if prefix_bias is not None:
                 head = head + prefix_bias(plen).to(head)
             kwargs["position_bias"] = torch.cat([head, bias[..., :kv_len]], dim=-1)
+        causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
         if base == flex.BASE:
-            causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
             visible = None if entry[2] is None else match_rows(entry[2], batch)
             mask = flex.widen(attention_mask, query, kv_len, plen, visible, causal, state.built)
             if mask is not None:
@@ -215,7 +215,6 @@ def _make_attention(base: str):
                 mask = flash.widen(attention_mask, batch, kv_len, plen, entry[2])
                 return fn(module, query, key, value, mask, *args, **kwargs)
             flash.say_once(f"prefix attention: sdpa instead of {base}, because {reason}")
-            causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
             window = kwargs.pop("sliding_window", None)
             attention_mask = flash.to_full(attention_mask, query.shape[2], kv_len, causal, window)
             fn = ALL_ATTENTION_FUNCTIONS["sdpa"]

@@ -88,8 +88,9 @@ def use_prefix_attention(model: nn.Module) -> None:
     name = attention.register(attention.base_of(current))
     if current == name:
         return
-    if own_attention.install(model, attention.register("sdpa")):
-        model.config._attn_implementation = attention.register("sdpa")
+    over_sdpa = attention.register("sdpa")
+    if own_attention.install(model, over_sdpa):
+        model.config._attn_implementation = over_sdpa
         return
     if attention.base_of(current) in flash.BASES:  # checked when the model loaded; transformers would now
         for config in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
