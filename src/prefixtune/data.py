@@ -131,7 +131,19 @@ def read_table(
     pass the rows to :func:`encode_labels` to get class indices.
     """
     path = os.fspath(path)
-    raw_rows, header = read_records(path)
+    return table_rows(path, *read_records(path), text_column, label_column, target_column, group_column)
+
+
+def table_rows(
+    path: str,
+    raw_rows: list[tuple[str, dict]],
+    header: list[str] | None,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    target_column: str | None = None,
+    group_column: str | None = None,
+) -> list[dict]:
+    """`read_table` on records already read by `read_records` (`path` names them in errors)."""
     wanted = [("text", text_column), ("label", label_column), ("target", target_column), ("group", group_column)]
     wanted = [(key, col) for key, col in wanted if col is not None]
     if header is not None:

@@ -39,41 +39,23 @@ def _conversation_rows(records: list[tuple[str, dict]], kind: str) -> list[dict]
     return [chat.to_row(rec, where) for where, rec in records]
 
 
-def _file_rows(path: str, opts: dict, generation: bool) -> list[dict]:
-    from prefixtune.data import read_records, read_table
+Records = tuple[list[tuple[str, dict]], list[str] | None]  # what `read_records` gives: (where, record) pairs, header
 
-    records, _ = read_records(path)
+
+def _file_rows(path: str, read: Records, opts: dict, generation: bool) -> list[dict]:
+    """One file's rows, from its records as `read_records` read them."""
+    from prefixtune.data import table_rows
+
+    records, header = read
     kind = data_format(records[0][1], opts)
     if kind != "text":
         return _conversation_rows([(f"{path}: {w}", r) for w, r in records], kind)
     label = None if generation else opts["label_column"]
     target = opts["target_column"] if generation else None
-    return read_table(path, opts["text_column"], label, target, opts.get("group_column"))
+    return table_rows(path, records, header, opts["text_column"], label, target, opts.get("group_column"))
 
 
-def _peek_format(opts: dict, files: dict[str, str]) -> str:
-    """Which format the given files or hub data set hold (a conversation format makes the task generation)."""
-    from prefixtune import chat
-    from prefixtune.data import load_hub_dataset, read_records
-
-    if opts.get("dataset"):  # bundled rows are already in their canonical form
-        from prefixtune.assets import load_builtin_dataset
-
-        first = next(iter(load_builtin_dataset(opts["dataset"], seed=opts.get("data_seed") or 0).splits.values()))
-        return chat.record_format(first[0])
-    if opts.get("hub_dataset"):
-        first = next(iter(load_hub_dataset(opts["hub_dataset"], opts["hub_config"]).values()))
-        return data_format(first[0], opts) if first else "text"
-    if files:
-        records, _ = read_records(next(iter(files.values())))
-        return data_format(records[0][1], opts)
-    return "text"
-
-
-def _hub_rows(opts: dict, generation: bool) -> dict[str, list[dict]]:
-    from prefixtune.data import load_hub_dataset
-
-    raw = load_hub_dataset(opts["hub_dataset"], opts["hub_config"])
+def _hub_rows(raw: dict[str, list[dict]], opts: dict, generation: bool) -> dict[str, list[dict]]:
     kind = opts.get("data_format", "text")
     if kind != "text":
         return {("validation" if split in ("validation", "valid", "dev") else split): _conversation_rows(
@@ -100,14 +82,24 @@ def _hub_rows(opts: dict, generation: bool) -> dict[str, list[dict]]:
 
 def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[str, list[dict]], list[str] | None]:
     """`({split: rows}, label_names)` from a bundled data set, local files or the hub; labels as indices."""
+    from prefixtune import chat
     from prefixtune.assets import load_builtin_dataset
-    from prefixtune.data import encode_labels
+    from prefixtune.data import encode_labels, load_hub_dataset, read_records
 
     sources = [k for k in ("dataset", "hub_dataset") if opts.get(k)]
     files = {s: opts.get(f"{s}_file") for s in ("train", "validation", "test") if opts.get(f"{s}_file")}
     if len(sources) + bool(files) != 1:
         raise PrefixTuneError("give exactly one data source: --dataset, --hub-dataset, or --train-file/--test-file")
-    opts["data_format"] = _peek_format(opts, files)
+    if opts.get("dataset"):  # bundled rows are already in their canonical form
+        ds = load_builtin_dataset(opts["dataset"], seed=opts.get("data_seed") or 0)
+        opts["data_format"] = chat.record_format(next(iter(ds.splits.values()))[0])
+    elif opts.get("hub_dataset"):
+        raw = load_hub_dataset(opts["hub_dataset"], opts["hub_config"])
+        first = next(iter(raw.values()))
+        opts["data_format"] = data_format(first[0], opts) if first else "text"
+    else:
+        read = {s: read_records(p) for s, p in files.items()}
+        opts["data_format"] = data_format(next(iter(read.values()))[0][0][1], opts)
     if opts["data_format"] != "text":
         print(f"note: data format: {FORMAT_NOTES[opts['data_format']]}", file=sys.stderr)
     generation = (
@@ -116,7 +108,6 @@ def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[st
         or opts["data_format"] != "text"
     )
     if opts.get("dataset"):
-        ds = load_builtin_dataset(opts["dataset"], seed=opts.get("data_seed") or 0)
         splits = {k: list(v) for k, v in ds.splits.items()}
         names = ds.label_names
         if label_names is not None and names is not None and list(label_names) != list(names):
@@ -125,9 +116,9 @@ def load_data(opts: dict, label_names: list[str] | None = None) -> tuple[dict[st
         if generation and opts.get("target_column") is None and opts["data_format"] == "text":
             raise PrefixTuneError("generation data needs --target-column (the column holding the target text)")
         if opts.get("hub_dataset"):
-            splits = _hub_rows(opts, generation)
+            splits = _hub_rows(raw, opts, generation)
         else:
-            splits = {s: _file_rows(p, opts, generation) for s, p in files.items()}
+            splits = {s: _file_rows(files[s], read[s], opts, generation) for s in files}
         names = label_names
         if not generation:
             first = splits.get("train") or next(iter(splits.values()))
