@@ -343,7 +343,6 @@ class Trainer:
         )
         if self.main and self.stop != "interrupted":
             print(summary_table(result_rows(result)))
-        self.log.end()
         return result
 
     # ----------------------------------------------------------------------------------- helpers
@@ -423,7 +422,7 @@ def train(
             trainer.fit(stop_hook, eval_hook)
             return trainer.finish()
         finally:
-            trainer.log.end()  # also when a bad step or Ctrl-C ends the run: the tracker's run is closed
+            trainer.log.end()  # however the run ends (a bad step, Ctrl-C): the tracker's run is closed once
 
 
 def result_rows(result: TrainResult) -> list[tuple[str, Any]]:
