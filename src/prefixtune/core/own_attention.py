@@ -25,8 +25,8 @@ heads, which no attention function takes) and Falcon-RW's ALiBi (it arrives fold
 
 from __future__ import annotations
 
-import importlib
 import math
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,7 +120,7 @@ def _alibi_prefix_bias(build: Callable, heads: int, scale: float = 1.0) -> Calla
 
 def _bloom(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
            output_attentions=False, **kwargs):  # fmt: skip
-    bloom = importlib.import_module(type(self).__module__)
+    bloom = sys.modules[type(self).__module__]  # its own helpers, beside its modules (as eager functions are)
     batch = hidden_states.shape[0]
     query, key, value = self._reshape(self.query_key_value(hidden_states))
     if layer_past is not None:
@@ -136,7 +136,7 @@ def _bloom(self, hidden_states, residual, alibi, attention_mask, layer_past=None
 
 def _falcon(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None, use_cache=False,
             output_attentions=False, position_embeddings=None, **kwargs):  # fmt: skip
-    falcon = importlib.import_module(type(self).__module__)
+    falcon = sys.modules[type(self).__module__]
     query, key, value = (t.transpose(1, 2) for t in self._split_heads(self.query_key_value(hidden_states)))
     cos, sin = position_embeddings
     query, key = falcon.apply_rotary_pos_emb(query, key, cos, sin)
