@@ -23,7 +23,7 @@ from prefixtune import serialization
 from prefixtune.errors import PrefixTuneError
 from prefixtune.model_card import CARD_NAME, TRAIN_INFO, model_card
 
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = serialization.PEFT_CONFIG, serialization.PEFT_WEIGHTS
 # The CLI's training record (labels, template, base model) travels with the prefix: without it
 # `prefixtune predict` cannot name the classes of a downloaded classifier.
 PREFIX_FILES = (serialization.CONFIG_NAME, serialization.WEIGHTS_NAME, TRAIN_INFO)

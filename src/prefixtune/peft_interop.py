@@ -19,8 +19,7 @@ from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.model import PrefixModel
 
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = serialization.PEFT_CONFIG, serialization.PEFT_WEIGHTS
 METHOD_OF = {"PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification", None: "auto"}
 # Keys PEFT writes for these two types; anything else is refused rather than silently ignored.

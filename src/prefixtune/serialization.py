@@ -22,6 +22,7 @@ from prefixtune.errors import PrefixTuneError
 
 CONFIG_NAME = "prefixtune_config.json"
 WEIGHTS_NAME = "prefixtune_model.safetensors"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a PEFT adapter's files
 FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -88,7 +89,7 @@ def read_config(directory: str | os.PathLike) -> dict:
                 "If you trust them, convert once with torch.load(..., weights_only=True) and "
                 "safetensors.torch.save_file"
             )
-        elif (directory / "adapter_config.json").exists():
+        elif (directory / PEFT_CONFIG).exists():
             hint = "; it looks like a PEFT adapter: convert it with `prefixtune convert`"
         raise PrefixTuneError(f"{str(directory)!r} has no {CONFIG_NAME}{hint}")
     config = read_json_object(directory / CONFIG_NAME)
