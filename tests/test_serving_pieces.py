@@ -207,3 +207,31 @@ def test_scheduler_is_chosen_where_the_model_allows_it(server):
         assert "not a decoder" in unsupported(engine)
     finally:
         engine.task = "causal_lm"
+
+
+def test_releasing_the_loading_threads_openmp_team_ends_its_helper_threads():
+    """The worker thread's team must be the only one (see serving/openmp.py): the loading thread's parked
+    helper threads end, and torch keeps computing on a fresh team afterwards."""
+    import os
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from prefixtune.serving.openmp import release_thread_pool
+
+    if not torch.backends.openmp.is_available() or not Path("/proc/self/task").exists():
+        pytest.skip("needs torch built with OpenMP and Linux's /proc")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.ones(1 << 22).mul_(2)  # a parallel region: this thread now has a team with a parked helper
+        before = len(os.listdir("/proc/self/task"))
+        assert release_thread_pool()
+        deadline = time.monotonic() + 10
+        while len(os.listdir("/proc/self/task")) >= before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(os.listdir("/proc/self/task")) < before
+        assert float(torch.arange(1 << 22, dtype=torch.float64).mul(2).sum()) == float((1 << 22) * ((1 << 22) - 1))
+    finally:
+        torch.set_num_threads(threads)

@@ -27,6 +27,7 @@ from prefixtune.assets import resolve_model
 from prefixtune.errors import PrefixTuneError, first_line
 from prefixtune.serving.guards import BodyLimit, HeaderTimeoutH11Protocol
 from prefixtune.serving.limits import UVICORN_FIELDS, Settings
+from prefixtune.serving.openmp import release_thread_pool
 from prefixtune.serving.playground_routes import install_playground
 from prefixtune.serving.routes import install_routes
 from prefixtune.serving.server import PrefixServer
@@ -78,6 +79,7 @@ def create_app(
         Path(model_path_or_name).name if os.sep in model_path_or_name else model_path_or_name
     )
     srv = PrefixServer(model, tokenizer, task, prefixes_dir, base_id, settings)
+    release_thread_pool()  # the worker thread runs the model from now on: its OpenMP team must be the only one
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
