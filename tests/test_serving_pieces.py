@@ -235,3 +235,58 @@ def test_releasing_the_loading_threads_openmp_team_ends_its_helper_threads():
         assert float(torch.arange(1 << 22, dtype=torch.float64).mul(2).sum()) == float((1 << 22) * ((1 << 22) - 1))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_growing_cache_layer_matches_concatenation_and_appends_in_place():
+    import torch
+
+    from prefixtune.serving.growing_cache import GrowingLayer, fill_order
+
+    gen = torch.Generator().manual_seed(0)
+
+    def kv(rows, width):
+        return torch.randn(rows, 2, width, 4, generator=gen), torch.randn(rows, 2, width, 4, generator=gen)
+
+    layer, ref = GrowingLayer(), list(kv(3, 5))
+    layer.update(*ref)
+    for _ in range(70):  # past the first buffer's spare columns, so it grows once
+        step = kv(3, 1)
+        keys, values = layer.update(*step)
+        ref = [torch.cat([r, s], 2) for r, s in zip(ref, step, strict=True)]
+        assert torch.equal(keys, ref[0]) and torch.equal(values, ref[1])
+    buffer = layer._keys.data_ptr()
+    layer.update(*kv(3, 1))
+    assert layer._keys.data_ptr() == buffer  # a step with room writes into the buffer, no copy
+    ref = [layer.keys.clone(), layer.values.clone()]
+
+    front = kv(3, 2)
+    layer.prepend(*front)
+    ref = [torch.cat([f, r], 2) for f, r in zip(front, ref, strict=True)]
+    layer.pad_front(3)
+    ref = [torch.cat([r.new_zeros(3, 2, 3, 4), r], 2) for r in ref]
+    layer.drop_front(4)
+    ref = [r[:, :, 4:] for r in ref]
+    other = GrowingLayer()
+    other.update(*kv(2, ref[0].shape[2]))
+    layer.stack(other)
+    ref = [torch.cat([r, o]) for r, o in zip(ref, (other.keys, other.values), strict=True)]
+    layer.batch_select_indices(torch.tensor([4, 0, 2, 3]))
+    ref = [r[[4, 0, 2, 3]] for r in ref]
+    assert torch.equal(layer.keys, ref[0]) and torch.equal(layer.values, ref[1])
+    order = fill_order([1, 3], 4)
+    assert order == [3, 1]  # the last kept row takes the first gap; row 1 stays
+    buffer = layer._keys.data_ptr()
+    layer.move_rows(order)
+    ref = [r[order] for r in ref]
+    assert torch.equal(layer.keys, ref[0]) and torch.equal(layer.values, ref[1])
+    assert layer._keys.data_ptr() == buffer
+    layer.stack(other)  # two rows join into the spare rows, in place
+    ref = [torch.cat([r, o]) for r, o in zip(ref, (other.keys, other.values), strict=True)]
+    assert torch.equal(layer.keys, ref[0]) and layer._keys.data_ptr() == buffer
+    layer.move_rows(fill_order([0, 2, 3], 4))
+    ref = [r[[0, 3, 2]] for r in ref]
+    assert torch.equal(layer.values, ref[1])
+    keys, _ = layer.update(*kv(3, 1))
+    assert torch.equal(keys[:, :, :-1], ref[0]) and layer.get_seq_length() == ref[0].shape[2] + 1
+    with pytest.raises(ValueError, match="width"):
+        layer.stack(other)

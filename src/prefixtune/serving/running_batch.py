@@ -1,7 +1,8 @@
 """The running batch of the continuous scheduler: its rows, their one cache, and how rows join and leave.
 
 Rows are left-padded to one length, so a row joins by padding the narrower side and stacking caches,
-and leaves by `batch_select_indices` plus trimming the padding no row needs any more. A row's prefix
+and leaves by giving its place to the last row and trimming the padding no row needs any more (the
+cache's layers, `growing_cache.GrowingLayer`, do both in place). A row's prefix
 keys/values sit at the front of its cache rows (they are exactly the first P entries of its keys and
 values); only a prefix that covers some layers, not all, stays in the attention state, because the
 padding mask is shared by every layer. Every row passes its own position ids.
@@ -20,6 +21,7 @@ from transformers import DynamicCache
 
 from prefixtune.core import attention, batching
 from prefixtune.core.batching import PrefixInputs
+from prefixtune.serving.growing_cache import fill_order, growing_cache
 from prefixtune.serving.work import Work
 
 
@@ -74,10 +76,8 @@ def _state(slots: dict, prefixes: list[PrefixInputs | None]) -> attention.Prefix
 
 
 def _left_pad(cache: DynamicCache, n: int) -> None:
-    if n:
-        for layer in cache.layers:
-            pad = layer.keys.new_zeros(*layer.keys.shape[:2], n, layer.keys.shape[3])
-            layer.keys, layer.values = torch.cat([pad, layer.keys], 2), torch.cat([pad, layer.values], 2)
+    for layer in cache.layers:
+        layer.pad_front(n)
 
 
 class RunningBatch:
@@ -107,7 +107,7 @@ class RunningBatch:
     def feed(self, row: Row, budget: int) -> torch.Tensor | None:
         """Feed up to `budget` more prompt tokens of a long prompt; its logits once the prompt is in."""
         if row.cache is None:
-            row.cache = DynamicCache(config=self.model.config)
+            row.cache = growing_cache(self.model.config)
         piece = row.prompt[row.fed : row.fed + budget]
         positions = torch.arange(row.fed, row.fed + len(piece), device=self.device)[None] + row.offset
         row.fed += len(piece)
@@ -130,7 +130,7 @@ class RunningBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         offsets = torch.tensor([r.offset for r in rows], device=self.device)[:, None]
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + offsets
-        cache = DynamicCache(config=self.model.config)
+        cache = growing_cache(self.model.config)
         return self.forward(ids, mask, positions, cache, _state(self.slots, [r.inputs for r in rows])), cache, mask
 
     def _prefix_into_cache(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,7 @@ class RunningBatch:
         for layer, (keys, values, seen) in zip(cache.layers, state.kv, strict=True):
             keys = attention.match_rows(keys, len(rows)).to(layer.keys.dtype)
             values = attention.match_rows(values, len(rows)).to(layer.values.dtype)
-            layer.keys, layer.values = torch.cat([keys, layer.keys], 2), torch.cat([values, layer.values], 2)
+            layer.prepend(keys, values)
             visible = seen if seen is not None else torch.ones(len(rows), keys.shape[2], dtype=torch.bool)
         return torch.cat([attention.match_rows(visible, len(rows)).to(mask), mask], 1)
 
@@ -164,8 +164,7 @@ class RunningBatch:
             self.mask = torch.cat([self.mask.new_zeros(len(self.rows), max(0, n - width)), self.mask], 1)
             mask = torch.cat([mask.new_zeros(len(rows), max(0, width - n)), mask], 1)
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([mine.keys, theirs.keys])
-                mine.values = torch.cat([mine.values, theirs.values])
+                mine.stack(theirs)
             self.mask = torch.cat([self.mask, mask])
         self.rows.extend(rows)
         self._restate()
@@ -175,20 +174,22 @@ class RunningBatch:
         self.state = _state(self.slots, [None if r.in_cache else r.inputs for r in self.rows])
 
     def keep(self, keep: list[int]) -> None:
-        """Drop every row not in `keep`, and the padding columns no remaining row needs."""
+        """Drop every row not in `keep` (ascending), and the padding columns no remaining row needs. The
+        last rows take the places of those that leave, so only they move in the cache."""
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
+        order = fill_order(keep, len(self.rows))
+        self.rows = [self.rows[i] for i in order]
         if not self.rows:
             self.cache, self.mask, self.state = None, self.mask.new_zeros(0, 0), None
             return
-        index = torch.tensor(keep, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask[index]
+        for layer in self.cache.layers:
+            layer.move_rows(order)
+        self.mask = self.mask[torch.tensor(order, device=self.mask.device)]
         dead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding columns on the left
         if dead:
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
+                layer.drop_front(dead)
             self.mask = self.mask[:, dead:]
         self._restate()
 
