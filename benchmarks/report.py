@@ -414,9 +414,10 @@ def _serving(r: dict) -> str:
                  for name, runs in one_thread["server"].items() for c, run in runs.items()
                  if c not in ("scheduler", "stats")]  # fmt: skip
         extra = (
-            "\n\nThe server rows again, with the server's torch on 1 thread, so the second core serves HTTP and the "
-            "16 client processes (`python -m benchmarks.serving --parts server --threads 1 --out "
-            "benchmarks/results/serving-threads1.json`); not the published target row, which uses torch's default:\n\n"
+            "\n\nThe server rows again with torch on 1 thread, leaving the second core to HTTP and the 16 client "
+            "processes (`python -m benchmarks.serving --parts server --threads 1 --out "
+            "benchmarks/results/serving-threads1.json`); torch's default, one thread per core, is the published "
+            "row and the faster one:\n\n"
             + markdown_table(["scheduler", "clients", "tokens/s", "p50 latency (s)", "first token p50 (s)"], lines)
             + f"\n\nWith 1 thread: continuous/batch tokens/s at 16 clients "
             f"{new['16']['tokens_per_s'] / old['16']['tokens_per_s']:.2f} x, p50 latency "
