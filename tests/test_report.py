@@ -111,11 +111,14 @@ def test_defaults_targets_are_judged_against_the_grid_point_validation_chose(mon
               "best_params": chosen}  # fmt: skip
     text = _defaults({"rotten_tomatoes": {"defaults": defaults, "grid": grid, "search": search}})
     assert "grid (best) | 0.1 | 32" in text  # the test split's favourite (0.90) is not the grid's choice
-    assert "on test: -0.5 points (met within 1 point)" in text
-    assert "-1.0 points with 30% of the grid's compute (**not met** within 0.5 point" in text
+    assert "Plain defaults vs the grid's validation choice: -1.00 points on validation, -0.5 on test (met" in text
+    assert "+0.00 points on validation, -1.0 on test, with 30% of the grid's compute (**not met**" in text
     search["accuracy"] = 0.78
     text = _defaults({"rotten_tomatoes": {"defaults": defaults, "grid": grid, "search": search}})
-    assert "+0.0 points with 30% of the grid's compute (met within 0.5 point" in text
+    assert "+0.00 points on validation, +0.0 on test, with 30% of the grid's compute (met" in text
+    search["validation_accuracy"] = 0.84  # as good on test, but validation is what the grid chose by
+    text = _defaults({"rotten_tomatoes": {"defaults": defaults, "grid": grid, "search": search}})
+    assert "-1.00 points on validation, +0.0 on test, with 30% of the grid's compute (**not met**" in text
 
 
 def test_a_partial_grid_draws_no_verdict():
