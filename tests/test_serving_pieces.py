@@ -268,7 +268,7 @@ def test_growing_cache_layer_matches_concatenation_and_appends_in_place():
     ref = [r[:, :, 4:] for r in ref]
     other = GrowingLayer()
     other.update(*kv(2, ref[0].shape[2]))
-    layer.stack(other)
+    layer.stack(other.keys, other.values)
     ref = [torch.cat([r, o]) for r, o in zip(ref, (other.keys, other.values), strict=True)]
     layer.batch_select_indices(torch.tensor([4, 0, 2, 3]))
     ref = [r[[4, 0, 2, 3]] for r in ref]
@@ -280,7 +280,7 @@ def test_growing_cache_layer_matches_concatenation_and_appends_in_place():
     ref = [r[order] for r in ref]
     assert torch.equal(layer.keys, ref[0]) and torch.equal(layer.values, ref[1])
     assert layer._keys.data_ptr() == buffer
-    layer.stack(other)  # two rows join into the spare rows, in place
+    layer.stack(other.keys, other.values)  # two rows join into the spare rows, in place
     ref = [torch.cat([r, o]) for r, o in zip(ref, (other.keys, other.values), strict=True)]
     assert torch.equal(layer.keys, ref[0]) and layer._keys.data_ptr() == buffer
     layer.move_rows(fill_order([0, 2, 3], 4))
@@ -289,4 +289,4 @@ def test_growing_cache_layer_matches_concatenation_and_appends_in_place():
     keys, _ = layer.update(*kv(3, 1))
     assert torch.equal(keys[:, :, :-1], ref[0]) and layer.get_seq_length() == ref[0].shape[2] + 1
     with pytest.raises(ValueError, match="width"):
-        layer.stack(other)
+        layer.stack(other.keys, other.values)

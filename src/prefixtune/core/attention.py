@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from prefixtune.core import flash, flex
+from prefixtune.core import flash, flex, ragged
 
 NAME_PREFIX = "prefixtune_"
 SUPPORTED_BASES = ("sdpa", "eager", *flash.BASES, flex.BASE)
@@ -54,6 +54,7 @@ class PrefixState:
     heads: dict[nn.Module, list[tuple[torch.Tensor | None, nn.Module]]] | None = None
     mean_pool: list[torch.Tensor | None] | None = None
     built: dict = field(default_factory=dict)  # masks made once per call and reused by every layer (flex)
+    ragged: ragged.RaggedPlan | None = None  # a serving step that packs several rows' tokens (see ragged.py)
 
 
 _ACTIVE: ContextVar[PrefixState | None] = ContextVar("prefixtune_active", default=None)
@@ -180,6 +181,11 @@ def _make_attention(base: str):
     def prefix_attention(module, query, key, value, attention_mask, *args, prefix_bias=None, **kwargs):
         fn = _base_function(base, module)
         state = _ACTIVE.get()
+        if state is not None and state.ragged is not None:
+            unsupported = [k for k in _NOT_FOR_GROUPED if kwargs.get(k) is not None]
+            if unsupported or args:
+                raise RuntimeError(f"a ragged step cannot apply {unsupported or 'positional extras'}")
+            return ragged.attend(state.ragged, query, key, value, kwargs.get("scaling")), None
         slot = state.slots.get(module) if state is not None else None
         if slot is None:
             return fn(module, query, key, value, attention_mask, *args, **kwargs)

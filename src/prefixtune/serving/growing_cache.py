@@ -17,6 +17,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from prefixtune.core.ragged import RaggedPlan
+
 _MIN_ROOM = 64  # spare columns at least; else a quarter of those in use, so growing costs O(1) per step
 _MIN_SPARE_ROWS = 4
 
@@ -46,6 +48,7 @@ class GrowingLayer(DynamicLayer):
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self.rows = self.start = self.end = 0
+        self.plan: RaggedPlan | None = None  # set for a ragged step: where its packed keys/values go
         super().__init__(**kwargs)
 
     # Whole assignments (DynamicLayer's own methods, `lazy_initialization`) land in a fresh buffer.
@@ -81,6 +84,8 @@ class GrowingLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.plan is not None:
+            return self._scatter(key_states, value_states)
         end = self.end + key_states.shape[2]
         if self._keys is None or end > self._keys.shape[2]:
             old = (self.keys, self.values) if self._keys is not None else None
@@ -91,6 +96,22 @@ class GrowingLayer(DynamicLayer):
             self._values[: self.rows, :, self.end : end] = value_states
             self.end = end
         return self.keys, self.values
+
+    def _scatter(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ragged step's packed `[1, kv_heads, N, head_dim]` keys/values, each to its row and column; the
+        columns in use then end after the plan's last column (`reserve` made room for it)."""
+        columns = self.start + self.plan.columns
+        self._keys[self.plan.rows, :, columns] = key_states[0].transpose(0, 1)
+        self._values[self.plan.rows, :, columns] = value_states[0].transpose(0, 1)
+        self.end = self.start + self.plan.mask.shape[-1]
+        return self.keys, self.values
+
+    def reserve(self, width: int) -> None:
+        """Room for `width` columns in use (from `start`; at most `_MIN_ROOM` more than now) without
+        growing during a step."""
+        if self.start + width > self._keys.shape[2]:
+            self._keys, self._values = self._shifted(self._keys, 0), self._shifted(self._values, 0)
+            self.start, self.end = 0, self.end - self.start
 
     # The running batch's layout changes.
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -133,16 +154,17 @@ class GrowingLayer(DynamicLayer):
             shape = (self.rows, self._keys.shape[1], n, self._keys.shape[3])
             self.prepend(self._keys.new_zeros(shape), self._values.new_zeros(shape))
 
-    def stack(self, other: GrowingLayer) -> None:
-        """Append `other`'s rows (as wide as these) below these: into spare rows when there are enough."""
-        theirs, mine = other.get_seq_length(), self.get_seq_length()
+    def stack(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows (`[rows, kv_heads, width, head_dim]`, as wide as these) below these: into spare rows
+        when there are enough."""
+        theirs, mine = keys.shape[2], self.get_seq_length()
         if theirs != mine:
             raise ValueError(f"rows of width {theirs} cannot join rows of width {mine}")
-        rows = self.rows + other.rows
+        rows = self.rows + keys.shape[0]
         if rows > self._keys.shape[0]:
             self._keys, self._values = self._grown(self._keys, rows), self._grown(self._values, rows)
-        self._keys[self.rows : rows, :, self.start : self.end] = other.keys
-        self._values[self.rows : rows, :, self.start : self.end] = other.values
+        self._keys[self.rows : rows, :, self.start : self.end] = keys
+        self._values[self.rows : rows, :, self.start : self.end] = values
         self.rows = rows
 
     def _grown(self, buffer: torch.Tensor, rows: int) -> torch.Tensor:

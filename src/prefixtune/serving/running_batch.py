@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from prefixtune.core import attention, batching
+from prefixtune.core import attention, batching, ragged
 from prefixtune.core.batching import PrefixInputs
 from prefixtune.serving.growing_cache import fill_order, growing_cache
 from prefixtune.serving.work import Work
@@ -55,10 +55,14 @@ class Row:
         return self.inputs is not None and self.inputs.kv is not None and all(p is not None for p in self.inputs.kv)
 
     @property
+    def plen(self) -> int:
+        """Cache positions its prefix takes."""
+        return 0 if self.inputs is None or self.inputs.kv is None else self.inputs.kv[0][0].shape[2]
+
+    @property
     def reserved(self) -> int:
         """Cache positions this row may come to hold."""
-        plen = 0 if self.inputs is None or self.inputs.kv is None else self.inputs.kv[0][0].shape[2]
-        return len(self.prompt) + self.work.max_tokens + plen
+        return len(self.prompt) + self.work.max_tokens + self.plen
 
 
 def _state(slots: dict, prefixes: list[PrefixInputs | None]) -> attention.PrefixState | None:
@@ -164,7 +168,7 @@ class RunningBatch:
             self.mask = torch.cat([self.mask.new_zeros(len(self.rows), max(0, n - width)), self.mask], 1)
             mask = torch.cat([mask.new_zeros(len(rows), max(0, width - n)), mask], 1)
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-                mine.stack(theirs)
+                mine.stack(theirs.keys, theirs.values)
             self.mask = torch.cat([self.mask, mask])
         self.rows.extend(rows)
         self._restate()
@@ -193,8 +197,12 @@ class RunningBatch:
             self.mask = self.mask[:, dead:]
         self._restate()
 
-    def step(self) -> torch.Tensor:
-        """One decoding step for every running row: `[B, vocab]` logits."""
+    def step(self, joiners: list[Row] | None = None) -> torch.Tensor:
+        """One decoding step for every running row: `[B, vocab]` logits. With `joiners` (rows whose prefix,
+        if any, is in the cache), their whole prompts ride in the same forward (`core/ragged.py`) and they
+        join: `[B + joiners, vocab]`, each joiner's logits those of its prompt's last token."""
+        if joiners:
+            return self._ragged_step(joiners)
         ids = torch.tensor([[r.token] for r in self.rows], device=self.device)
         positions = torch.tensor([[r.position] for r in self.rows], device=self.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
@@ -202,6 +210,53 @@ class RunningBatch:
         for row in self.rows:
             row.position += 1
         return logits
+
+    def _ragged_step(self, joiners: list[Row]) -> torch.Tensor:
+        lengths = [len(r.prompt) for r in joiners]
+        width = self.mask.shape[1] + 1  # the columns in use after the step
+        wider = max(n + r.plen for n, r in zip(lengths, joiners, strict=True)) - width
+        if wider > 0:
+            _left_pad(self.cache, wider)
+            self.mask = torch.cat([self.mask.new_zeros(len(self.rows), wider), self.mask], 1)
+            width += wider
+        seen = torch.zeros(len(joiners), width, dtype=self.mask.dtype, device=self.device)
+        for j, (n, row) in enumerate(zip(lengths, joiners, strict=True)):
+            seen[j, width - n - row.plen :] = 1
+        for i, layer in enumerate(self.cache.layers):  # the joiners' rows: their prefix, then room for the prompt
+            keys = layer.keys.new_zeros(len(joiners), layer.keys.shape[1], width - 1, layer.keys.shape[3])
+            values = torch.zeros_like(keys)
+            for j, (n, row) in enumerate(zip(lengths, joiners, strict=True)):
+                if row.plen:
+                    keys[j, :, width - n - row.plen : width - n] = row.inputs.kv[i][0][0]
+                    values[j, :, width - n - row.plen : width - n] = row.inputs.kv[i][1][0]
+            layer.stack(keys, values)
+            layer.reserve(width)
+        visible = torch.cat([torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1), seen])
+        plan = ragged.RaggedPlan.build([1] * len(self.rows) + lengths, visible.bool())
+        ids = [r.token for r in self.rows] + [t for r in joiners for t in r.prompt]
+        positions = [r.position for r in self.rows] + [r.offset + k for r in joiners for k in range(len(r.prompt))]
+        last = torch.cumsum(torch.tensor([1] * len(self.rows) + lengths, device=self.device), 0) - 1
+        for layer in self.cache.layers:
+            layer.plan = plan
+        try:
+            with torch.no_grad(), attention.activate(attention.PrefixState(slots={}, ragged=plan)):
+                out = self.model(input_ids=torch.tensor([ids], device=self.device), position_ids=torch.tensor(
+                    [positions], device=self.device), cache=self.cache, use_cache=True, **self._keep(last))  # fmt: skip
+        finally:
+            for layer in self.cache.layers:
+                layer.plan = None
+        logits = out.logits[0] if self.last_only else out.logits[0, last]
+        for row in self.rows:
+            row.position += 1
+        for n, row in zip(lengths, joiners, strict=True):
+            row.fed, row.position = n, row.offset + n
+        self.mask = visible
+        self.rows.extend(joiners)
+        self._restate()
+        return logits.float()
+
+    def _keep(self, last: torch.Tensor) -> dict:
+        return {"logits_to_keep": last} if self.last_only else {}
 
 
 def pick(logits: torch.Tensor, work: Work, top_k: int | None) -> int:

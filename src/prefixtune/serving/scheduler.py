@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from prefixtune.core import attention
 from prefixtune.core.batching import PrefixInputs
 from prefixtune.serving.batcher import Batcher, Job
 from prefixtune.serving.engine import Engine, deliver
@@ -78,6 +79,7 @@ class ContinuousBatcher(Batcher):
         self.prefix_cache_size = prefix_cache
         self._inputs: collections.OrderedDict[str, tuple[Any, PrefixInputs]] = collections.OrderedDict()
         self.top_k = getattr(engine.generation_config, "top_k", None)
+        self.ragged = True  # short prompts ride in the decoding step (`core/ragged.py`) where the model allows
 
     # ------------------------------------------------------------------------------ the worker
     def _loop(self) -> None:
@@ -88,8 +90,9 @@ class ContinuousBatcher(Batcher):
                 self._run_batch(classify)
             try:
                 self._admit()
+                joiners = self._riders()
                 self._prefill()
-                self._decode()
+                self._decode(joiners)
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything one step does
                 self._recover(exc)
 
@@ -181,6 +184,22 @@ class ContinuousBatcher(Batcher):
                     budget -= len(group[-1].prompt)
                 self._join_group(group)
 
+    def _riders(self) -> list[Row]:
+        """Joining rows whose whole prompts can ride in this iteration's decoding step, oldest first: short,
+        with no prefix or one whose keys/values sit in the cache, while rows are running to ride with."""
+        config = self.engine.bank.base_model.config
+        own = str(getattr(config, "_attn_implementation", "")).startswith(attention.NAME_PREFIX)
+        if not (self.ragged and own and self.batch.rows and self.batch.state is None):
+            return []
+        riders, budget = [], self.prefill_chunk
+        while self.joining and self._fresh(self.joining[0]) and len(self.joining[0].prompt) <= budget:
+            head = self.joining[0]
+            if head.inputs is not None and not head.in_cache:
+                break
+            riders.append(self.joining.popleft())
+            budget -= len(head.prompt)
+        return riders
+
     def _fresh(self, row: Row) -> bool:
         """A short prompt not fed yet, which can share a prefill forward with others."""
         return not (row.fed or row.alone or len(row.prompt) > self.prefill_chunk or row.work.closed)
@@ -250,17 +269,25 @@ class ContinuousBatcher(Batcher):
             log.error("request failed: %s: %s", type(exc).__name__, exc)
         work.fail(exc)
 
-    def _decode(self) -> None:
+    def _decode(self, joiners: list[Row]) -> None:
         batch = self.batch
-        if not batch.rows:
-            return
         live = [i for i, r in enumerate(batch.rows) if not (r.work.cancelled or r.work.closed)]
         batch.keep(live)
         if not batch.rows:
+            self.joining.extendleft(reversed(joiners))  # nothing to ride with: fed the usual way
             return
-        logits = batch.step()
+        try:
+            logits = batch.step(joiners)
+        except Exception:
+            if joiners:  # the usual way from now on: a model the ragged step cannot serve fails once only
+                log.warning("a ragged step failed; prompts are fed in forwards of their own from now on")
+                self.ragged = False
+                self.joining.extendleft(reversed(joiners))
+            raise
         self.stats["steps"] += 1
         self.stats["rows"] += len(batch.rows)
+        self.stats["joined_running"] += len(joiners)
+        self.stats["rode"] += len(joiners)  # prompts fed inside the decoding step
         self.stats["max_rows"] = max(self.stats["max_rows"], len(batch.rows))
         keep = []
         for i, row in enumerate(batch.rows):
