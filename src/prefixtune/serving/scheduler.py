@@ -10,14 +10,16 @@ Why not transformers' own continuous-batching engine: it runs only its stock att
 (sdpa, paged eager, flash), so prefixtune's registered function can enter it only through its
 private request bookkeeping, and its block sharing keys cache blocks by token ids alone, which
 would share keys/values between rows with different prefixes. So this drives the model's own
-forward with a `DynamicCache` whose rows are added (left-padded to one length) and dropped
-(`batch_select_indices`); the prefixes enter through the same `PrefixState` a mixed batch uses,
-built from each prefix's keys/values computed once and shared by every row that names it.
+forward with a `DynamicCache` whose rows are added (left-padded to one length) and dropped in place
+(`growing_cache.py`); the prefixes enter through the same `PrefixState` a mixed batch uses, built
+from each prefix's keys/values computed once and shared by every row that names it.
 
 Each iteration: run jobs (prefix loading) and classification requests (one forward, batched as
-before), feed at most `prefill_chunk` prompt tokens of the joining rows (a long prompt is fed over
-several iterations, so it never stalls the running rows for long), then one decoding step for
-every running row.
+before), then one decoding step for every running row in which the short prompts of joining rows
+ride (`core/ragged.py`: their tokens packed with the running rows' next ones). A prompt longer than
+`prefill_chunk` (or one whose prefix is not in the cache, or any prompt when no row is running) is fed
+in forwards of its own, at most `prefill_chunk` tokens per iteration, so it never stalls the running
+rows for long.
 """
 
 from __future__ import annotations
