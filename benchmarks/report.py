@@ -427,7 +427,8 @@ def _serving(r: dict) -> str:
     return (f"SmolLM2-135M, {s['rows']} rows, prefix length {s['prefix_len']}, {s['new_tokens']} new tokens, "
             f"{s['threads']} threads. The server rows: 4 prefixes and the bare model, streamed greedy completions "
             f"with max_tokens drawn from {s.get('server_max_tokens', [32, 32])[0]}-"
-            f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, the same requests for both "
+            f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, the levels taking turns over two "
+            f"rounds, the same requests for both "
             f"schedulers.\n\n{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}{extra}")  # fmt: skip
 
 

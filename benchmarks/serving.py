@@ -8,7 +8,7 @@
     through the official openai client, one process per client, max_tokens drawn from 8-64 per
     request), once with the
     dynamic batcher and once with continuous batching: requests/s, tokens/s, p50/p95 latency and
-    time to first token at 1, 4 and 16 concurrent clients.
+    time to first token at 1, 4 and 16 concurrent clients, the levels taking turns over two rounds.
 
     python -m benchmarks.serving [--quick] [--out benchmarks/results/serving.json]
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import math
 import multiprocessing
@@ -36,6 +37,7 @@ from prefixtune.collection import PrefixCollection
 from prefixtune.serving.app import create_app, running
 
 ROWS = 8
+ROUNDS = 2  # the server's client levels take turns this many times
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea:",
@@ -130,28 +132,37 @@ def server_load(path: str, scheduler: str, max_tokens: tuple[int, int], prefix_l
             return models[i % len(models)], PROMPTS[i % len(PROMPTS)], random.Random(i).randint(*max_tokens)
 
         spawn = multiprocessing.get_context("spawn")
+        runs: dict[int, list] = {clients: [] for clients in requests}  # (answers, wall, model calls) per round
         with running(app, log_level="warning") as url:
-            for clients, count in requests.items():
-                with concurrent.futures.ProcessPoolExecutor(clients, spawn, _connect, (url,)) as pool:
-                    list(pool.map(_request, [job(0)] * clients))  # warm-up: every client connected once
-                    start = time.perf_counter()
-                    done = list(pool.map(_request, [job(i) for i in range(count)]))
-                    wall = time.perf_counter() - start
-                latencies, firsts = [d[0] for d in done], [d[1] for d in done]
-                stats = app.state.prefixtune.batcher.stats
-                calls = stats["steps"] + stats["batches"] - (before := results.get("_calls", 0))
-                results["_calls"] = before + calls
-                results[str(clients)] = {
-                    "requests": count,
-                    "requests_per_s": count / wall,
-                    "tokens_per_s": sum(d[2] for d in done) / wall,
-                    "p50_s": percentile(latencies, 50),
-                    "p95_s": percentile(latencies, 95),
-                    "ttft_p50_s": percentile(firsts, 50),
-                    "ttft_p95_s": percentile(firsts, 95),
-                    "model_calls_per_s": calls / wall,  # decoding steps (continuous) or generate calls (batch)
-                }
-        results.pop("_calls")
+            # The levels take turns (1, 4, 16, 1, 4, 16, ...), each round with its share of the requests, so a
+            # machine that speeds up or slows down over minutes moves every level alike.
+            with contextlib.ExitStack() as stack:
+                pools = {c: stack.enter_context(concurrent.futures.ProcessPoolExecutor(c, spawn, _connect, (url,)))
+                         for c in requests}  # fmt: skip
+                for r in range(ROUNDS):
+                    for clients, count in requests.items():
+                        share = range(r * count // ROUNDS, (r + 1) * count // ROUNDS)
+                        list(pools[clients].map(_request, [job(0)] * clients))  # warm-up: every client connected
+                        stats = app.state.prefixtune.batcher.stats
+                        calls = stats["steps"] + stats["batches"]
+                        start = time.perf_counter()
+                        done = list(pools[clients].map(_request, [job(i) for i in share]))
+                        wall = time.perf_counter() - start
+                        runs[clients].append((done, wall, stats["steps"] + stats["batches"] - calls))
+        for clients, rounds in runs.items():
+            done = [d for answers, _, _ in rounds for d in answers]
+            wall = sum(w for _, w, _ in rounds)
+            latencies, firsts = [d[0] for d in done], [d[1] for d in done]
+            results[str(clients)] = {
+                "requests": len(done),
+                "requests_per_s": len(done) / wall,
+                "tokens_per_s": sum(d[2] for d in done) / wall,
+                "p50_s": percentile(latencies, 50),
+                "p95_s": percentile(latencies, 95),
+                "ttft_p50_s": percentile(firsts, 50),
+                "ttft_p95_s": percentile(firsts, 95),
+                "model_calls_per_s": sum(c for _, _, c in rounds) / wall,  # decoding steps or generate calls
+            }
         results["stats"] = dict(app.state.prefixtune.batcher.stats)
     return results
 
