@@ -86,15 +86,14 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if self.plan is not None:
             return self._scatter(key_states, value_states)
+        if self._keys is None:
+            self.keys, self.values = key_states, value_states
+            return self.keys, self.values
+        self.reserve(self.get_seq_length() + key_states.shape[2])
         end = self.end + key_states.shape[2]
-        if self._keys is None or end > self._keys.shape[2]:
-            old = (self.keys, self.values) if self._keys is not None else None
-            self.keys = key_states if old is None else torch.cat([old[0], key_states], 2)
-            self.values = value_states if old is None else torch.cat([old[1], value_states], 2)
-        else:
-            self._keys[: self.rows, :, self.end : end] = key_states
-            self._values[: self.rows, :, self.end : end] = value_states
-            self.end = end
+        self._keys[: self.rows, :, self.end : end] = key_states
+        self._values[: self.rows, :, self.end : end] = value_states
+        self.end = end
         return self.keys, self.values
 
     def _scatter(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +106,9 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
     def reserve(self, width: int) -> None:
-        """Room for `width` columns in use (from `start`; at most `_MIN_ROOM` more than now) without
-        growing during a step."""
+        """Room for `width` columns in use (from `start`): a step, or a ragged step's scatter, then writes in place."""
         if self.start + width > self._keys.shape[2]:
-            self._keys, self._values = self._shifted(self._keys, 0), self._shifted(self._values, 0)
+            self._keys, self._values = self._shifted(self._keys, 0, width), self._shifted(self._values, 0, width)
             self.start, self.end = 0, self.end - self.start
 
     # The running batch's layout changes.
@@ -141,11 +139,11 @@ class GrowingLayer(DynamicLayer):
         self._keys[: self.rows, :, self.start : self.start + n] = keys
         self._values[: self.rows, :, self.start : self.start + n] = values
 
-    def _shifted(self, buffer: torch.Tensor, front: int) -> torch.Tensor:
-        """A fresh buffer with the columns in use after `front` free ones."""
-        width = self.end - self.start
-        fresh = _buffer(buffer, self.rows, front + width)
-        fresh[: self.rows, :, front : front + width] = buffer[: self.rows, :, self.start : self.end]
+    def _shifted(self, buffer: torch.Tensor, front: int, width: int = 0) -> torch.Tensor:
+        """A fresh buffer with the columns in use after `front` free ones, and room for `width` columns."""
+        used = self.end - self.start
+        fresh = _buffer(buffer, self.rows, max(front + used, width))
+        fresh[: self.rows, :, front : front + used] = buffer[: self.rows, :, self.start : self.end]
         return fresh
 
     def pad_front(self, n: int) -> None:

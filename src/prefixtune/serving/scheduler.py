@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -180,10 +181,8 @@ class ContinuousBatcher(Batcher):
             elif len(head.prompt) > budget:
                 return  # it fits a later iteration's budget whole
             else:
-                group = []
-                while self.joining and self._fresh(self.joining[0]) and len(self.joining[0].prompt) <= budget:
-                    group.append(self.joining.popleft())
-                    budget -= len(group[-1].prompt)
+                group = self._pop_fresh(budget)
+                budget -= sum(len(row.prompt) for row in group)
                 self._join_group(group)
 
     def _riders(self) -> list[Row]:
@@ -193,14 +192,15 @@ class ContinuousBatcher(Batcher):
         own = str(getattr(config, "_attn_implementation", "")).startswith(attention.NAME_PREFIX)
         if not (self.ragged and own and self.batch.rows and self.batch.state is None):
             return []
-        riders, budget = [], self.prefill_chunk
-        while self.joining and self._fresh(self.joining[0]) and len(self.joining[0].prompt) <= budget:
-            head = self.joining[0]
-            if head.inputs is not None and not head.in_cache:
-                break
-            riders.append(self.joining.popleft())
+        return self._pop_fresh(self.prefill_chunk, lambda row: row.inputs is None or row.in_cache)
+
+    def _pop_fresh(self, budget: int, fits: Callable[[Row], bool] = lambda row: True) -> list[Row]:
+        """The fresh rows at the head of the queue whose prompts fit `budget` tokens together (and `fits`)."""
+        rows: list[Row] = []
+        while self.joining and self._fresh(head := self.joining[0]) and len(head.prompt) <= budget and fits(head):
+            rows.append(self.joining.popleft())
             budget -= len(head.prompt)
-        return riders
+        return rows
 
     def _fresh(self, row: Row) -> bool:
         """A short prompt not fed yet, which can share a prefill forward with others."""
