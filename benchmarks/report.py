@@ -406,6 +406,8 @@ def _serving(r: dict) -> str:
                      f"{many['spread_vs_one']:.2f} × ({many['rss_mb_loaded']:.0f} MiB resident)",
                      _mark(many["spread_vs_one"] >= 0.9)])  # fmt: skip
     s = r["setup"]
+    levels = {c: run["requests"] for c, run in server.get("continuous", {}).items() if c not in ("scheduler", "stats")}
+    per_client = ", ".join(f"{n // int(c)} requests per client at {c}" for c, n in levels.items())
     one_thread = _load("serving-threads1", False)
     extra = ""
     if one_thread and "continuous" in one_thread.get("server", {}):
@@ -428,8 +430,9 @@ def _serving(r: dict) -> str:
             f"{s['threads']} threads. The server rows: 4 prefixes and the bare model, streamed greedy completions "
             f"with max_tokens drawn from {s.get('server_max_tokens', [32, 32])[0]}-"
             f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, the levels taking turns over two "
-            f"rounds, the same requests for both "
-            f"schedulers.\n\n{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}{extra}")  # fmt: skip
+            f"rounds, the same requests for both schedulers ({per_client}). A level ends with a drain, its last "
+            f"requests running while the clients that are done wait; `rows per step` is the mean count of rows a "
+            f"decoding step (or a batch) held.\n\n{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}{extra}")  # fmt: skip
 
 
 def _scaling(r: dict) -> str:
