@@ -127,6 +127,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone(f
 
     from prefixtune import attach
     from prefixtune.collection import PrefixCollection
+    from prefixtune.serving.packed_head import pack_output_projection
     from prefixtune.serving.running_batch import Row, RunningBatch
 
     torch.manual_seed(0)
@@ -142,6 +143,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone(f
         out = bank.generate([name], input_ids=torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
                             eos_token_id=None, pad_token_id=0)  # fmt: skip
         expected[key] = out[0, len(ids) :].tolist()
+    assert pack_output_projection(model)  # the batch's steps of several rows project through the packed head
     batch = RunningBatch(model, bank["p2"].slots)
     got: dict[str, list[int]] = {}
 
@@ -175,6 +177,38 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone(f
     while batch.rows:
         step()  # "c" leaves first, then "a": their padding columns are trimmed
     assert batch.cache is None and got == expected
+
+
+def test_packed_output_projection_matches_the_linear_and_leaves_the_module_as_it_was():
+    import torch
+
+    from prefixtune.serving import packed_head
+
+    torch.manual_seed(0)
+    model = tiny.make("llama", vocab_size=300, pad_token_id=0, eos_token_id=3, initializer_range=0.2).eval()
+    head = model.get_output_embeddings()
+    keys = set(model.state_dict())
+    hidden = torch.randn(3, 5, head.in_features)
+    inputs = [hidden[:1, :1], hidden[:, :2], hidden]  # 1, 6 and 15 rows
+    with torch.no_grad():
+        plain = [head(x) for x in inputs]
+    assert packed_head.pack_output_projection(model)
+    assert model.get_output_embeddings() is head and type(head) is torch.nn.Linear and set(model.state_dict()) == keys
+    calls = []
+    default = torch.nn.functional.linear
+    with pytest.MonkeyPatch.context() as patch:  # which path each call takes
+        patch.setattr(torch.nn.functional, "linear", lambda *a: calls.append("default") or default(*a))
+        with torch.no_grad():
+            packed = [head(x) for x in inputs]
+        assert calls == ["default"]  # one row: the default path; several: the packed weight
+        trained = head(hidden.requires_grad_())  # gradients: the default path, which autograd knows
+    assert calls == ["default", "default"] and trained.requires_grad
+    assert torch.equal(packed[0], plain[0])
+    for got, want in zip(packed[1:], plain[1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    classifier = tiny.make("bert", task="classification")  # no output projection onto a vocabulary: left alone
+    assert not packed_head.pack_output_projection(classifier)
 
 
 def test_pick_samples_within_top_p_and_greedy_takes_the_argmax():
