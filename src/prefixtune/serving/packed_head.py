@@ -2,12 +2,13 @@
 
 Why: a decoding step projects one hidden state per running row onto the whole vocabulary, a
 `[rows, hidden] x [hidden, vocab]` product with few rows and a very wide weight. torch's default CPU
-path for it (MKL's sgemm) is slow for a handful of rows: on SmolLM2 (576 x 49152) on 2 cores it took
-19-27 ms for 8-15 rows against 7-8 ms with the weight reordered once into oneDNN's blocked layout
-(`mkldnn._reorder_linear_weight`), and a step of 13 rows fell from 86 to 70 ms (`benchmarks/serving.py`
-measures the server with it). One row is left to the default path, which is as fast there. The other
-linear layers gain less (38 against 32 ms for all of them at 13 rows) and would double the weights'
-memory, so only the head is packed: it costs one more copy of the head (113 MB for SmolLM2).
+path for it (MKL's sgemm) is slow for a handful of rows: on SmolLM2's head (576 x 49152) on 2 cores
+it took 19-27 ms for 8-15 rows against 7-8 ms with the weight reordered once into oneDNN's blocked
+layout (`mkldnn._reorder_linear_weight`). In the server under load, with the variants taking turns
+in one process, the mean decoding step fell from 148 to 131 ms at 16 clients and from 90 to 83 ms at
+4. One row is left to the default path, which is as fast there. Packing every linear layer as well
+gained more at 16 clients (119 ms) but nothing at 4, and would double the weights' memory, so only
+the head is packed: it costs one more copy of the head (113 MB for SmolLM2).
 
 The module, its weight and its state dict stay as they are (tied weights, saving and the prefix code
 see a plain `nn.Linear`); only its `forward` is replaced on the instance. Rows that need gradients,
