@@ -377,7 +377,7 @@ def _seed_table(rows: dict) -> str:
 
 
 def _serving(r: dict) -> str:
-    from benchmarks.serving import table
+    from benchmarks.serving import client_levels, table
 
     g = r["generation"]
     rows = [
@@ -406,15 +406,14 @@ def _serving(r: dict) -> str:
                      f"{many['spread_vs_one']:.2f} × ({many['rss_mb_loaded']:.0f} MiB resident)",
                      _mark(many["spread_vs_one"] >= 0.9)])  # fmt: skip
     s = r["setup"]
-    levels = {c: run["requests"] for c, run in server.get("continuous", {}).items() if c not in ("scheduler", "stats")}
-    per_client = ", ".join(f"{n // int(c)} requests per client at {c}" for c, n in levels.items())
+    levels = client_levels(server.get("continuous", {}))
+    per_client = ", ".join(f"{run['requests'] // int(c)} requests per client at {c}" for c, run in levels.items())
     one_thread = _load("serving-threads1", False)
     extra = ""
     if one_thread and "continuous" in one_thread.get("server", {}):
         new, old = one_thread["server"]["continuous"], one_thread["server"]["batch"]
         lines = [[name, c, f"{run['tokens_per_s']:.1f}", f"{run['p50_s']:.2f}", f"{run['ttft_p50_s']:.2f}"]
-                 for name, runs in one_thread["server"].items() for c, run in runs.items()
-                 if c not in ("scheduler", "stats")]  # fmt: skip
+                 for name, runs in one_thread["server"].items() for c, run in client_levels(runs).items()]  # fmt: skip
         extra = (
             "\n\nThe server rows again with torch on 1 thread, leaving the second core to HTTP and the 16 client "
             "processes (`python -m benchmarks.serving --parts server --threads 1 --out "

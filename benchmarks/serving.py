@@ -211,6 +211,11 @@ def many_prefixes(path: str, count: int, used: int, max_tokens: tuple[int, int],
     return result
 
 
+def client_levels(runs: dict) -> dict[str, dict]:
+    """One scheduler's server rows by client count (its entry also holds the scheduler's name and stats)."""
+    return {c: run for c, run in runs.items() if c not in ("scheduler", "stats")}
+
+
 def table(result: dict) -> str:
     gen = result["generation"]
     lines = ["| generation (8 rows) | tokens/s |", "| --- | --- |"]
@@ -228,8 +233,7 @@ def table(result: dict) -> str:
             f"| {scheduler} | {c} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} "
             f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} "
             f"| {r.get('rows_per_call', float('nan')):.2f} |"
-            for c, r in runs.items()
-            if c not in ("scheduler", "stats")
+            for c, r in client_levels(runs).items()
         ]
     many = result.get("many")
     if many:

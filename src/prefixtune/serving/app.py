@@ -50,8 +50,7 @@ def load_base(name: str, device: str | None = None, dtype: str | None = None) ->
         model, tokenizer, task = tasks.load_model(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, getattr(torch, dtype or "float32")).eval()
-    if task != "classification":
-        pack_output_projection(model)  # decoding steps of a few rows project onto the vocabulary faster
+    pack_output_projection(model)  # decoders' steps of a few rows project onto the vocabulary faster; no-op otherwise
     return model, tokenizer, task
 
 

@@ -31,8 +31,8 @@ MIN_ROWS = 2  # fewer rows than this go the default way: a single row is as fast
 
 def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // max(x.shape[-1], 1)
-    usable = x.device.type == "cpu" and x.dtype == self.packed_weight_dtype and not torch.is_grad_enabled()
-    if rows < MIN_ROWS or not usable or self.weight.dtype != self.packed_weight_dtype:
+    usable = x.device.type == "cpu" and x.dtype == self.packed_weight.dtype == self.weight.dtype
+    if rows < MIN_ROWS or not usable or torch.is_grad_enabled():
         return nn.functional.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
@@ -52,6 +52,5 @@ def pack_output_projection(model: Any) -> bool:
     except RuntimeError as exc:  # a oneDNN build that cannot pack this shape: the default path serves
         log.info("output projection left unpacked: %s", exc)
         return False
-    head.packed_weight_dtype = head.weight.dtype
     head.forward = types.MethodType(_packed_forward, head)
     return True
