@@ -16,9 +16,9 @@ from prefixtune.train import TrainConfig, defaults, train
 
 
 # ------------------------------------------------------------------------------------ step budget
-def test_small_data_gets_the_minimum_step_budget_large_data_three_epochs():
+def test_small_data_gets_the_minimum_step_budget_large_data_five_epochs():
     assert defaults.budget(steps_per_epoch=50, epochs=None, max_steps=None) == defaults.MIN_STEPS  # 20 epochs
-    assert defaults.budget(steps_per_epoch=636, epochs=None, max_steps=None) == 3 * 636  # Rotten Tomatoes, batch 16
+    assert defaults.budget(steps_per_epoch=636, epochs=None, max_steps=None) == 5 * 636  # Rotten Tomatoes, batch 16
     assert defaults.budget(steps_per_epoch=50, epochs=4, max_steps=None) == 200  # epochs given: as asked
     assert defaults.budget(steps_per_epoch=50, epochs=4, max_steps=7) == 7  # max_steps wins
 

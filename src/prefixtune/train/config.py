@@ -27,7 +27,7 @@ class TrainConfig:
         "Folder for the prefix, checkpoints, metrics.jsonl and curves.png.", "prefixtune-output"
     )
     epochs: int | None = documented(
-        "Passes over the training data. Unset: a step budget, max(1000 steps, 3 epochs), cut short by early "
+        "Passes over the training data. Unset: a step budget, max(1000 steps, 5 epochs), cut short by early "
         "stopping on validation (1000 steps: where the classification benchmark's prefixes peaked).",
         None,
     )
