@@ -63,6 +63,17 @@ def test_rotten_tomatoes_deterministic(rt):
     assert sum(map(len, other.values())) == 12_752
 
 
+def test_rotten_tomatoes_three_classes_add_plot_synopses_and_keep_the_review_labels(rt):
+    three = assets.load_rotten_tomatoes(seed=0, categories=("rotten", "fresh", "plot"))
+    rows = [r for split in three.values() for r in split]
+    counts = Counter(r["label"] for r in rows)
+    assert set(counts) == {0, 1, 2} and 1_000 < counts[2] <= 1_097  # plot 1,097 before dedupe
+    assert counts[0] + counts[1] == 12_752  # the reviews are the two-class set's, labelled the same way
+    review_label = {r["text"]: r["label"] for split in rt.values() for r in split}
+    assert all(review_label[r["text"]] == r["label"] for r in rows if r["label"] != 2)
+    assert all(r["text"] not in review_label for r in rows if r["label"] == 2)
+
+
 def test_bbc_topic():
     data = assets.load_bbc_news("topic", seed=0)
     rows = [r for split in data.values() for r in split]

