@@ -83,7 +83,7 @@ def test_search_space_follows_reparam_and_fixed_options():
     assert search.base_budget({**base, "max_steps": 30}, 1000) == 30
     assert search.base_budget({**base, "epochs": 3}, 100) == 3 * 7  # ceil(100 / 16) steps per epoch
     assert search.base_budget(base, 100) == defaults.MIN_STEPS  # small data: the minimum step budget
-    assert search.base_budget(base, 16 * 500) == 3 * 500  # large data: three epochs
+    assert search.base_budget(base, 16 * 500) == defaults.EPOCHS * 500  # large data: the default epochs
 
 
 def test_the_search_never_reads_the_test_split(assets, tmp_path, monkeypatch, no_plots):
@@ -117,7 +117,8 @@ def test_a_rerun_continues_the_study(assets, tmp_path, monkeypatch, no_plots):
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0", "1", "2"]
 
 
-def test_a_trial_worse_than_the_median_is_pruned(assets, tmp_path, monkeypatch, no_plots):
+@pytest.mark.parametrize("pruner", ["median", "halving"])  # halving: the first trial's rungs count too
+def test_a_trial_worse_than_the_others_is_pruned_at_its_first_report(assets, tmp_path, monkeypatch, no_plots, pruner):
     out = tmp_path / "tune"
     out.mkdir()
     study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="prefixtune")
@@ -134,7 +135,7 @@ def test_a_trial_worse_than_the_median_is_pruned(assets, tmp_path, monkeypatch, 
     # Training is real; the validation scores are scripted: the second trial is far worse at every evaluation.
     monkeypatch.setattr(search, "build_model", build)
     monkeypatch.setattr(tasks, "evaluate", lambda *a, **k: {"loss": 0.2 if trial_of["lr"] == 0.05 else 0.9})
-    result = cli.tune(**small(assets, out, trials=2, metric="loss", pruner="median"))
+    result = cli.tune(**small(assets, out, trials=2, metric="loss", pruner=pruner))
     states = [t.state.name for t in load_study(out).trials]
     assert states == ["COMPLETE", "PRUNED"] and result["pruned"] == 1
     assert load_study(out).trials[1].user_attrs["steps"] == 1  # stopped at its first report, not after 8 steps
