@@ -103,6 +103,17 @@ def test_the_search_never_reads_the_test_split(assets, tmp_path, monkeypatch, no
     assert validation <= set(seen)  # trials were scored on the validation rows
 
 
+def test_a_new_study_starts_from_the_train_defaults(assets, tmp_path, no_plots):
+    cli.tune(**small(assets, tmp_path / "plain", trials=1))
+    first = load_study(tmp_path / "plain").trials[0].params
+    assert first == {"reparam": "none", "learning_rate": defaults.learning_rate("prefix", "none", "classification"),
+                     "steps": 4}  # fmt: skip (num_virtual_tokens is fixed by small(): not drawn)
+    cli.tune(**small(assets, tmp_path / "fixed", trials=1, reparam="mlp", num_virtual_tokens=None))
+    first = load_study(tmp_path / "fixed").trials[0].params
+    assert first == {"learning_rate": defaults.learning_rate("prefix", "mlp", "classification"),
+                     "num_virtual_tokens": search.DEFAULT_VIRTUAL_TOKENS, "steps": 4}  # fmt: skip
+
+
 def test_a_rerun_continues_the_study(assets, tmp_path, monkeypatch, no_plots):
     calls = []
     real = train_module.train
