@@ -60,6 +60,28 @@ def test_head_only_is_deterministic(family):
     assert scores(first) == scores(baselines.head_only(model, tok, TRAIN[:96], EVAL, epochs=3, seed=1))
 
 
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_probe_head_trains_the_models_own_head_on_what_it_reads_with_the_prefix(family):
+    from prefixtune import tasks
+
+    model, tok = prefixed(family, pooling="mean")
+    base_head = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+    before = tasks.evaluate(model, tok, TRAIN)["accuracy"]
+    rng = torch.get_rng_state()
+    probe = baselines.probe_head(model, tok, TRAIN, seed=1)
+    assert probe >= 0.75 and probe > before + 0.2  # the head alone learned the one-word task
+    # The vectors were the model's own (prefix on): the model now scores what the probe scored.
+    assert tasks.evaluate(model, tok, TRAIN)["accuracy"] == pytest.approx(probe)
+    assert all(torch.equal(v, model.base_model.state_dict()[k]) for k, v in base_head.items())  # frozen, shared
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_probe_head_refuses_labels_outside_the_head():
+    model, tok = prefixed()
+    with pytest.raises(PrefixTuneError, match=r"labels \[7\] are outside 0..2"):
+        baselines.probe_head(model, tok, [{"text": "good", "label": 7}])
+
+
 def _head_input(model, enc) -> torch.Tensor:
     """Run the real model (prefix off) on one unpadded row; return what its head module receives."""
     name = "pre_classifier" if "pre_classifier" in model.head_modules else model.head_modules[0]

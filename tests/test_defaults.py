@@ -7,6 +7,7 @@ import json
 
 import pytest
 import tiny
+import torch
 from test_train import CLS_ROWS, classifier
 
 from prefixtune import cli
@@ -116,3 +117,29 @@ def test_cli_without_validation_file_holds_out_whole_groups_and_says_so(tmp_path
     scored = json.loads((tmp_path / "out" / "validation_baselines.json").read_text())  # no test split: validation
     assert 0 <= scored["accuracy"] <= 1 and scored["baselines"]["head_only"]["train_rows"] == len(fit)
     assert not {r["group"] for r in fit} & {r["group"] for r in val}
+
+
+# --------------------------------------------------------------------------------- head warm start
+def test_head_init_probe_starts_training_from_a_probed_head_and_only_for_classifiers(tmp_path, monkeypatch):
+    from test_train import cfg, lm
+
+    from prefixtune import baselines
+
+    calls = []
+    real = baselines.probe_head
+    monkeypatch.setattr(baselines, "probe_head", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model, tok = classifier()
+    heads = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    # A learning rate of ~0 leaves the head where the probe put it: training started from the probed head.
+    result = train(model, tok, CLS_ROWS, None, cfg(tmp_path, head_init="probe", max_steps=1, learning_rate=1e-12))
+    assert len(calls) == 1 and calls[0]["seed"] == result.config.seed
+    assert any(not torch.equal(v, model.heads.state_dict()[k]) for k, v in heads.items())
+    model, tok = classifier()
+    train(model, tok, CLS_ROWS, None, cfg(tmp_path, "plain", max_steps=1, learning_rate=1e-12))
+    assert len(calls) == 1  # head_init "random" (the default) probes nothing
+    assert all(torch.allclose(v, model.heads.state_dict()[k]) for k, v in heads.items())
+    model, tok = lm()
+    with pytest.raises(PrefixTuneError, match="head_init 'probe' trains a classifier's head"):
+        train(model, tok, [{"text": "a b c"}] * 4, None, cfg(tmp_path, "lm", head_init="probe", max_steps=1))
+    with pytest.raises(PrefixTuneError, match="head_init must be one of random, probe; got 'linear'"):
+        TrainConfig(head_init="linear")

@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -97,8 +98,10 @@ def head_features(
     max_length: int = 128,
     batch_size: int = 64,
     template: str = "{text}",
+    with_prefix: bool = False,
 ) -> torch.Tensor:
-    """What `model`'s head reads for every row [N, ...], from the bare model: prefix off, its pooling kept.
+    """What `model`'s head reads for every row [N, ...]: from the bare model (prefix off, its pooling kept),
+    or `with_prefix` through the model as it stands, prefix and its own head copy included.
 
     The backbone is frozen, so these vectors can be cached and a head trained on them for many epochs.
     A pre-hook on the (first) head module captures its input; the model's own logits are checked
@@ -108,7 +111,7 @@ def head_features(
     if not rows:
         raise PrefixTuneError("no rows to compute head features on: expected a list of {'text': str} rows")
     names = sorted(model.head_modules)
-    modules = {n: getattr(model.base_model, n) for n in names}
+    modules = {n: (model.heads[n] if with_prefix else getattr(model.base_model, n)) for n in names}
     stack = _stack(model, modules).eval()
     hooked = modules["pre_classifier" if len(names) > 1 else names[0]]
     seen: list[torch.Tensor] = []
@@ -122,8 +125,9 @@ def head_features(
     examples = tasks.encode(model, tokenizer, rows, max_length, template, with_targets=False)
     device = tasks.device_of(model)
     feats: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    bare = contextlib.nullcontext() if with_prefix else _bare(model, state)
     try:
-        with tasks.eval_mode(model), model.disable_prefix(), attention.activate(state):
+        with tasks.eval_mode(model), bare:
             for idx, batch in tasks.batches(examples, batch_size, tokenizer.pad_token_id):
                 batch = tasks.to_device(batch, device)
                 seen.clear()
@@ -141,6 +145,61 @@ def head_features(
     finally:
         hook.remove()
     return torch.stack(feats)
+
+
+@contextlib.contextmanager
+def _bare(model: PrefixModel, state: attention.PrefixState) -> Iterator[None]:
+    with model.disable_prefix(), attention.activate(state):
+        yield
+
+
+def _fit(head: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, gen: torch.Generator) -> None:
+    """Train `head` on cached vectors: AdamW, linear warmup schedule, batch 32, the head's own dropout
+    (its masks from the global RNG, which the callers seed and restore), rows shuffled by `gen`."""
+    from transformers import get_scheduler
+
+    steps = epochs * -(-len(y) // 32)
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(0.06 * steps), num_training_steps=steps)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=gen).split(32):
+            idx = idx.to(x.device)
+            loss = nn.functional.cross_entropy(head(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+    head.eval()
+
+
+def probe_head(
+    model: PrefixModel,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    *,
+    max_length: int = 128,
+    template: str = "{text}",
+    epochs: int = 20,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+) -> float:
+    """Train `model`'s own head alone, in place, on cached vectors of the model with its initial prefix:
+    the linear-probe half of LP-FT (Kumar et al. 2022). Training the prefix then starts from a head that
+    already separates the classes, instead of pushing gradients through a random one. Returns the
+    probe's accuracy on `rows`."""
+    _check_model(model)
+    y = torch.tensor(_labels(rows, "training"))
+    x = head_features(model, tokenizer, rows, max_length=max_length, template=template, with_prefix=True)
+    bad = sorted({int(v) for v in y if not 0 <= v < model.config.num_labels})
+    if bad:
+        raise PrefixTuneError(f"labels {bad} are outside 0..{model.config.num_labels - 1}, the head's classes")
+    head = _stack(model, {n: model.heads[n] for n in model.head_modules})
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        _fit(head, x, y.to(x.device), epochs, learning_rate, torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return float((head(x).argmax(-1).cpu() == y).float().mean())
 
 
 def head_only(
@@ -162,8 +221,6 @@ def head_only(
     off; a re-initialised copy of the head trains on cached vectors (AdamW, linear warmup schedule,
     batch 32, the model's dropout), outside the model: the model, its head and RNG are untouched.
     """
-    from transformers import get_scheduler
-
     _check_model(model)
     start = time.perf_counter()
     y_train, y_eval = _labels(train_rows, "training"), _labels(eval_rows, "evaluation")
@@ -176,25 +233,13 @@ def head_only(
     x_eval = head_features(model, tokenizer, eval_rows, **options)
     device, gen = x_train.device, torch.Generator().manual_seed(seed)
     std = getattr(model.config, "initializer_range", 0.02)
-    y = torch.tensor(y_train, device=device)
-    steps = epochs * -(-len(y_train) // 32)
     # The global RNG (default Linear init, dropout masks) is seeded inside and the caller's restored after.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         head = _stack(model, {n: _fresh(getattr(model.base_model, n), std, gen) for n in model.head_modules})
-        head = head.to(device).train()
-        optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate)
-        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(0.06 * steps), num_training_steps=steps)
-        for _ in range(epochs):
-            for idx in torch.randperm(len(y_train), generator=gen).split(32):
-                idx = idx.to(device)
-                loss = nn.functional.cross_entropy(head(x_train[idx]), y[idx])
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+        _fit(head.to(device), x_train, torch.tensor(y_train, device=device), epochs, learning_rate, gen)
     with torch.no_grad():
-        preds = head.eval()(x_eval).argmax(-1).tolist()
+        preds = head(x_eval).argmax(-1).tolist()
     metrics: dict[str, float] = classification_metrics(preds, y_eval)
     trainable = sum(p.numel() for p in head.parameters())
     metrics.update(trainable=trainable, seconds=time.perf_counter() - start, train_rows=len(y_train))

@@ -15,6 +15,7 @@ from prefixtune.config import documented
 from prefixtune.errors import PrefixTuneError
 from prefixtune.train.tracking import TRACKERS, check_tracker
 
+HEAD_INITS = ("random", "probe")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor")
 SCHEDULERS = ("linear", "cosine", "constant")
 
@@ -64,6 +65,13 @@ class TrainConfig:
         "(no dropout there); later epochs and evaluations skip them. Costs the rows' hidden states in memory.",
         False,
     )
+    head_init: str = documented(
+        "Where a classifier's head starts. random: as the model made it. probe: first trained alone on cached "
+        "vectors of the frozen model with the initial prefix (seconds), then on with the prefix: LP-FT "
+        "(Kumar et al. 2022). On 800 three-class Rotten Tomatoes rows (BENCHMARKS.md, 'Defaults, search and "
+        "baselines') it lifted the prefix's lead over a trained head alone.",
+        "random",
+    )
     seed: int = documented(
         "Seed for data order, dropout and prefix initialisation: the same seed gives the same run.", 42
     )
@@ -110,6 +118,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise PrefixTuneError(f"head_init must be one of {', '.join(HEAD_INITS)}; got {self.head_init!r}")
         if self.optimizer not in OPTIMIZERS:
             raise PrefixTuneError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:

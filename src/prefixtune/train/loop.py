@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from prefixtune import serialization, tasks
+from prefixtune import baselines, serialization, tasks
 from prefixtune.core import layer_cache
 from prefixtune.data import collate
 from prefixtune.errors import PrefixTuneError
@@ -131,6 +131,12 @@ class Trainer:
         )
         self.main = self.accelerator.is_main_process
         set_seed(config.seed)
+        if config.head_init == "probe" and not config.resume:  # every process probes alike: the same head
+            if getattr(model, "task", None) != "classification":
+                raise PrefixTuneError(f"head_init 'probe' trains a classifier's head; this model's task is "
+                                      f"{getattr(model, 'task', None)!r}: use head_init 'random'")  # fmt: skip
+            baselines.probe_head(model, tokenizer, train_rows, max_length=config.max_length,
+                                 template=config.template, seed=config.seed)  # fmt: skip
         examples = tasks.encode(
             model, tokenizer, train_rows, config.max_length, config.template, config.max_target_length
         )
