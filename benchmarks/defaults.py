@@ -6,7 +6,8 @@ For each bundled classification data set (Rotten Tomatoes, BBC topic) on MiniLM:
   with the best of its 10 evaluations kept, chosen on validation;
 - `search`: `prefixtune tune` with a trial budget, its compute counted in training examples seen;
 - `small`: 800 training rows of Rotten Tomatoes as three classes (rotten, fresh, plot synopsis), where the
-  defaults face the head-only and TF-IDF baselines on the full test split.
+  defaults face the head-only and TF-IDF baselines on the full test split; `small_probe`, the same with
+  `--head-init probe`.
 The test split chooses nothing anywhere; each point's test score is shown for the record.
 
     python -m benchmarks.defaults [--quick]                 # every part, both data sets
@@ -125,6 +126,7 @@ def row(argv: list[str]) -> None:
     p.add_argument("--num-virtual-tokens", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--head-init", default="random")
     a = p.parse_args(argv)
     if a.row == "defaults":
         emit(_train(a.dataset, a.quick))
@@ -136,7 +138,7 @@ def row(argv: list[str]) -> None:
     else:
         with tempfile.TemporaryDirectory() as root:
             files = _small_files(Path(root))
-            emit(_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"],
+            emit(_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"], head_init=a.head_init,
                         validation_file=files["validation"], test_file=files["test"]))  # fmt: skip
 
 
@@ -191,8 +193,9 @@ def main(argv: list[str] | None = None) -> None:
             args = ["--row", "search", "--dataset", dataset, "--trials", str(trials), *flag]
             got["search"] = run_row("benchmarks.defaults", args, timeout=ROW_TIMEOUT)
             _save(results, a.quick)
-    if "small" in parts:
+    if "small" in parts:  # the plain defaults, and the same with the head warm-started by a probe (LP-FT)
         results["small"] = run_row("benchmarks.defaults", ["--row", "small", *flag])
+        results["small_probe"] = run_row("benchmarks.defaults", ["--row", "small", "--head-init", "probe", *flag])
         _save(results, a.quick)
 
 

@@ -537,20 +537,28 @@ def _defaults(r: dict) -> str:
                 )
         out += ["", " ".join(line)] if line else []
     if r.get("small"):
-        sm = r["small"]
+        sm, probe = r["small"], r.get("small_probe")
         lead = 100 * (sm["accuracy"] - sm["baselines"]["head_only"])
         out += [
             "",
             f"Small data set: {SMALL['train']} Rotten Tomatoes training rows as three classes "
             f"({', '.join(SMALL_CATEGORIES)}; {SMALL['validation']} validation rows, split by movie), plain defaults, "
             f"on the whole test split. The prefix leads the head-only baseline by {lead:+.1f} points "
-            f"({_mark(lead >= SMALL_LEAD)} by at least {SMALL_LEAD:g}, the demo's bar for a clear win):",
+            f"({_mark(lead >= SMALL_LEAD)} by at least {SMALL_LEAD:g}, the demo's bar for a clear win)"
+            + (
+                f"; with the head warm-started by a probe (`--head-init probe`) by "
+                f"{100 * (probe['accuracy'] - probe['baselines']['head_only']):+.1f}:"
+                if probe
+                else ":"
+            ),
             "",
             markdown_table(
-                ["method", "test accuracy"],
+                ["method", "validation accuracy", "test accuracy", "steps"],
                 [
-                    ["prefix, plain defaults", sm["accuracy"]],
-                    *[[k.replace("_", " "), v] for k, v in sm["baselines"].items()],
+                    ["prefix, plain defaults", sm["validation_accuracy"], sm["accuracy"], sm["steps"]],
+                    *([["prefix, `--head-init probe`", probe["validation_accuracy"], probe["accuracy"],
+                        probe["steps"]]] if probe else []),  # fmt: skip
+                    *[[k.replace("_", " "), "", v, ""] for k, v in sm["baselines"].items()],
                 ],
             ),
         ]
