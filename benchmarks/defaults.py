@@ -75,10 +75,10 @@ def _grid_point_steps(dataset: str) -> int:
 def _search(dataset: str, quick: bool, trials: int) -> dict:
     """`prefixtune tune` on validation, then the best prefix scored once on test.
 
-    The full run keeps its study in `benchmarks/results/search/<dataset>/`; study.db and trials.jsonl are
-    committed with the other results (the trial folders and best/, megabytes each, are not), so a run cut short
-    continues where it stopped, as `prefixtune tune` does: on 2 cores one search can take longer than a
-    working session. Scoring best/ on test needs the session that finishes the search to hold it."""
+    The full run keeps its study in `benchmarks/results/search/<dataset>/`; study.db, trials.jsonl, trials.png
+    and best/ (the winning prefix, under half a megabyte) are committed with the other results, the trial
+    folders are not. So a run cut short continues where it stopped, as `prefixtune tune` does (on 2 cores one
+    search can take longer than a working session), and best/ can be scored on test by whoever finishes it."""
     from prefixtune import cli
 
     keep = None if quick else RESULTS / "search" / dataset
