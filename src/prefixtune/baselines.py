@@ -39,6 +39,13 @@ def _labels(rows: Sequence[dict], what: str) -> list[int]:
         raise PrefixTuneError(f"{what} labels must be class indices 0, 1, ...: map label names to ints first") from None
 
 
+def _check_classes(labels: Sequence[int], model: PrefixModel) -> None:
+    num_labels = model.config.num_labels
+    bad = sorted({y for y in labels if not 0 <= y < num_labels})
+    if bad:
+        raise PrefixTuneError(f"labels {bad} are outside 0..{num_labels - 1}, the model head's {num_labels} classes")
+
+
 def _check_model(model: Any) -> None:
     if not isinstance(model, PrefixModel) or model.task != "classification":
         got = f"a PrefixModel for task {model.task!r}" if isinstance(model, PrefixModel) else type(model).__name__
@@ -189,11 +196,10 @@ def probe_head(
     already separates the classes, instead of pushing gradients through a random one. Returns the
     probe's accuracy on `rows`."""
     _check_model(model)
-    y = torch.tensor(_labels(rows, "training"))
+    labels = _labels(rows, "training")
+    _check_classes(labels, model)
+    y = torch.tensor(labels)
     x = head_features(model, tokenizer, rows, max_length=max_length, template=template, with_prefix=True)
-    bad = sorted({int(v) for v in y if not 0 <= v < model.config.num_labels})
-    if bad:
-        raise PrefixTuneError(f"labels {bad} are outside 0..{model.config.num_labels - 1}, the head's classes")
     head = _stack(model, {n: model.heads[n] for n in model.head_modules})
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -224,10 +230,7 @@ def head_only(
     _check_model(model)
     start = time.perf_counter()
     y_train, y_eval = _labels(train_rows, "training"), _labels(eval_rows, "evaluation")
-    num_labels = model.config.num_labels
-    bad = sorted({y for y in y_train + y_eval if not 0 <= y < num_labels})
-    if bad:
-        raise PrefixTuneError(f"labels {bad} are outside 0..{num_labels - 1}, the model head's {num_labels} classes")
+    _check_classes(y_train + y_eval, model)
     options = dict(max_length=max_length, batch_size=batch_size, template=template)
     x_train = head_features(model, tokenizer, train_rows, **options)
     x_eval = head_features(model, tokenizer, eval_rows, **options)
