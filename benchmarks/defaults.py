@@ -4,7 +4,8 @@ For each bundled classification data set (Rotten Tomatoes, BBC topic) on MiniLM:
 - `defaults`: `prefixtune train --model minilm --dataset NAME` with nothing else;
 - `grid`: learning rate x prefix length x epochs, each point trained to its end (no early stopping)
   with the best of its 10 evaluations kept, chosen on validation;
-- `search`: `prefixtune tune` with a trial budget, its compute counted in training examples seen;
+- `search`: `prefixtune tune --trials N` as a user runs it (trials of half, once or twice `prefixtune train`'s
+  budget, the first one its defaults), its compute counted in training examples seen;
 - `small`: 800 training rows of Rotten Tomatoes as three classes (rotten, fresh, plot synopsis), where the
   defaults face the head-only and TF-IDF baselines on the full test split; `small_probe`, the same with
   `--head-init probe`.
@@ -21,7 +22,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import math
 import random
 import tempfile
 import time
@@ -62,16 +62,6 @@ def _train(dataset: str, quick: bool, **options) -> dict:
     }
 
 
-def _grid_point_steps(dataset: str) -> int:
-    """The steps of the grid's mean point, the budget a search trial is sized from (half, once or twice it):
-    trials the size of grid points, a third as many of them as grid points, is a third of the grid's compute
-    before any pruning."""
-    from prefixtune.assets import load_builtin_dataset
-
-    per_epoch = math.ceil(len(load_builtin_dataset(dataset)["train"]) / TrainConfig().batch_size)
-    return round(per_epoch * sum(GRID["epochs"]) / len(GRID["epochs"]))
-
-
 def _search(dataset: str, quick: bool, trials: int) -> dict:
     """`prefixtune tune` on validation, then the best prefix scored once on test.
 
@@ -85,7 +75,7 @@ def _search(dataset: str, quick: bool, trials: int) -> dict:
     with tempfile.TemporaryDirectory() if keep is None else contextlib.nullcontext(str(keep)) as out:
         start = time.perf_counter()
         found = cli.tune(model="minilm", dataset=dataset, output_dir=out, trials=trials, progress=False,
-                         **(QUICK if quick else {"max_steps": _grid_point_steps(dataset)}))  # fmt: skip
+                         **(QUICK if quick else {}))  # fmt: skip
         records = [json.loads(line) for line in (Path(out) / "trials.jsonl").read_text().splitlines()]
         tested = cli.evaluate(prefix=str(Path(out) / "best"), dataset=dataset, **(
             {"max_eval_samples": QUICK["max_eval_samples"]} if quick else {}))  # fmt: skip
