@@ -121,6 +121,23 @@ def test_defaults_targets_are_judged_against_the_grid_point_validation_chose(mon
     assert "-1.00 points on validation, +0.0 on test, with 30% of the grid's compute (**not met**" in text
 
 
+def _small_run(init: str, seed: int, test: float, head: float) -> dict:
+    return {"head_init": init, "seed": seed, "validation_accuracy": 0.8, "accuracy": test, "steps": 500,
+            "baselines": {"head_only": head, "tfidf": 0.6}}  # fmt: skip
+
+
+def test_a_clear_win_on_the_small_set_needs_the_average_lead_and_every_seed_ahead():
+    from benchmarks.report import _small
+
+    runs = [_small_run("random", 42, 0.80, 0.75), _small_run("random", 1, 0.78, 0.75)]
+    runs.append(_small_run("probe", 42, 0.7, 0.75))
+    text = _small(runs)
+    assert "plain defaults: +4.0 points on average over 2 seed(s), +3.0 to +5.0 (a clear win: met)" in text
+    assert "`--head-init probe`: -5.0 points on average over 1 seed(s)" in text
+    runs[0]["accuracy"], runs[1]["accuracy"] = 0.82, 0.745  # +3.25 on average, but one seed falls behind
+    assert "(a clear win: **not met**)" in _small(runs)
+
+
 def test_a_partial_grid_draws_no_verdict():
     from benchmarks.report import _defaults
 
