@@ -153,6 +153,16 @@ def test_a_trial_worse_than_the_others_is_pruned_at_its_first_report(assets, tmp
     assert result["best_trial"] == 0 and result["best_value"] == pytest.approx(0.2)
 
 
+@pytest.mark.parametrize(("patience", "steps"), [(None, 1 + defaults.PATIENCE), (0, 8)])
+def test_a_trial_stops_early_as_train_would(assets, tmp_path, monkeypatch, no_plots, patience, steps):
+    """A trial that stops improving ends after train's patience, like the `prefixtune train` run it stands for;
+    with --patience 0 only the pruner may stop it (there is no other trial here to prune it against)."""
+    monkeypatch.setattr(tasks, "evaluate", lambda *a, **k: {"loss": 0.5})  # flat from the first evaluation on
+    cli.tune(**small(assets, tmp_path / "tune", trials=1, max_steps=8, patience=patience, metric="loss"))
+    trial = load_study(tmp_path / "tune").trials[0]
+    assert trial.params["steps"] == 8 and trial.user_attrs["steps"] == steps
+
+
 def test_cli_run_writes_best_prefix_trials_log_and_plot(assets, tmp_path, capsys):
     out = tmp_path / "tune"
     argv = [f"--{k.replace('_', '-')}={v}" for k, v in small(assets, out, trials=2, eval_every=2).items()]

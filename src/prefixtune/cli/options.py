@@ -196,9 +196,10 @@ _TUNE_OVERRIDES = [
     Option("num_virtual_tokens", int, None, "Fix the prefix length; default: searched among 8, 16, 32, 64."),
     Option("reparam", str, None, "Fix it (none | mlp); default: searched for method 'prefix'.", ("none", "mlp")),
     Option("epochs", int, None, "Base budget in passes over the training rows; trials train 0.5x, 1x or 2x it."),
-    Option("max_steps", int, None, "Base budget in optimizer steps (default 1000; wins over --epochs)."),
+    Option("max_steps", int, None, "Base budget in optimizer steps (default: train's, max(1000, 5 epochs))."),
     Option("eval_every", int, 0, "Evaluate and report to the pruner every N steps; 0: a tenth of the base budget."),
-    Option("patience", int, 0, "Early stopping inside a trial (evaluations without improvement); 0: only the pruner."),
+    Option("patience", int, None, "Early stopping inside a trial, as in train (default 3 evaluations without "
+           "improvement); 0: only the pruner stops a trial."),
     Option("baseline", "strs", None, "Ignored: tune never scores the test split (accepted so train recipes work)."),
     Option(
         "output_dir",
