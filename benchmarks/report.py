@@ -432,8 +432,8 @@ def _serving(r: dict) -> str:
     return (f"SmolLM2-135M, {s['rows']} rows, prefix length {s['prefix_len']}, {s['new_tokens']} new tokens, "
             f"{s['threads']} threads. The server rows: 4 prefixes and the bare model, streamed greedy completions "
             f"with max_tokens drawn from {s.get('server_max_tokens', [32, 32])[0]}-"
-            f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, the levels taking turns over two "
-            f"rounds, the same requests for both schedulers ({per_client}). A level ends with a drain, its last "
+            f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, one server process per scheduler, the "
+            f"schedulers and levels taking turns over two rounds, the same requests for both ({per_client}). A level ends with a drain, its last "
             f"requests running while the clients that are done wait; `rows per step` is the mean count of rows a "
             f"decoding step (or a batch) held.\n\n{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}{extra}")  # fmt: skip
 

@@ -6,9 +6,9 @@
     - 8 sequential single-row batches, one per prefix (target: mixed >= 3 x faster).
 (b) The live server (`prefixtune.serving`, 4 prefixes + the base model, streamed greedy completions
     through the official openai client, one process per client, max_tokens drawn from 8-64 per
-    request), once with the
-    dynamic batcher and once with continuous batching: requests/s, tokens/s, p50/p95 latency and
-    time to first token at 1, 4 and 16 concurrent clients, the levels taking turns over two rounds.
+    request), one server process with the dynamic batcher and one with continuous batching:
+    requests/s, tokens/s, p50/p95 latency and time to first token at 1, 4 and 16 concurrent clients,
+    the schedulers and levels taking turns over two rounds.
 
     python -m benchmarks.serving [--quick] [--out benchmarks/results/serving.json]
 """
@@ -24,8 +24,10 @@ import multiprocessing
 import random
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -87,24 +89,30 @@ def generation(path: str, new_tokens: int, prefix_len: int, repeats: int) -> dic
 _client = None
 
 
-def _connect(url: str) -> None:
-    """A client process's one OpenAI client (clients run in their own processes, as real clients do,
-    so parsing their streams does not share the server process's interpreter lock)."""
-    global _client
+SCHEDULERS = ("batch", "continuous")  # the dynamic batcher (the old way) and continuous batching
+
+
+def _connect(urls: dict[str, str]) -> None:
+    """A client process's OpenAI clients, one per server (clients run in their own processes, as real clients
+    do, so parsing their streams does not share a server process's interpreter lock)."""
+    global _clients
     import httpx
     import openai
 
-    _client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600,
+    _clients = {
+        name: openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600,
                             http_client=httpx.Client(limits=httpx.Limits(keepalive_expiry=1)))  # fmt: skip
+        for name, url in urls.items()
+    }
 
 
-def _request(job: tuple[str, str, int]) -> tuple[float, float, int]:
-    """One streamed greedy completion: (latency, time to first token, completion tokens)."""
-    model, prompt, max_tokens = job
+def _request(job: tuple[str, str, str, int]) -> tuple[float, float, int]:
+    """One streamed greedy completion from one server: (latency, time to first token, completion tokens)."""
+    server, model, prompt, max_tokens = job
     start = time.perf_counter()
     first, tokens = None, 0
-    stream = _client.completions.create(model=model, prompt=prompt, temperature=0, stream=True,
-                                        max_tokens=max_tokens, stream_options={"include_usage": True})  # fmt: skip
+    options = {"temperature": 0, "stream": True, "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
+    stream = _clients[server].completions.create(model=model, prompt=prompt, **options)
     for chunk in stream:
         if first is None and chunk.choices and chunk.choices[0].text:
             first = time.perf_counter() - start
@@ -113,60 +121,81 @@ def _request(job: tuple[str, str, int]) -> tuple[float, float, int]:
     return time.perf_counter() - start, first if first is not None else float("nan"), tokens
 
 
-def server_load(path: str, scheduler: str, max_tokens: tuple[int, int], prefix_len: int,
-                requests: dict[int, int]) -> dict:  # fmt: skip
-    """Streamed greedy completions from 1, 4 and 16 client processes: mixed prefixes, seeded max_tokens."""
+def _serve(path: str, prefixes: str, scheduler: str, max_tokens: int, threads: int, ready: Any) -> None:
+    """A server process (`prefixtune serve`'s app) until terminated; its URL and scheduler go to `ready`."""
+    limits = {"max_batch_size": 16, "max_wait_ms": 10, "max_tokens_limit": max_tokens, "reload_interval_s": None}
+    app = create_app(path, prefixes, served_model_name="smollm2", scheduler=scheduler, num_threads=threads, **limits)
+    with running(app, log_level="warning") as url:
+        ready.put((scheduler, url, type(app.state.prefixtune.batcher).__name__))
+        threading.Event().wait()
+
+
+def _stats(url: str) -> dict:
+    import httpx
+
+    return httpx.get(f"{url}/health", timeout=60).json()["stats"]
+
+
+def server_load(path: str, max_tokens: tuple[int, int], prefix_len: int, requests: dict[int, int]) -> dict:
+    """Streamed greedy completions from 1, 4 and 16 client processes (mixed prefixes, seeded max_tokens) to two
+    server processes, one per scheduler. Schedulers and client levels take turns, so a machine that speeds
+    up or slows down over minutes moves both schedulers and every level alike; the idle server waits."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with tempfile.TemporaryDirectory() as tmp:
+    spawn = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         models = ["smollm2"]
         for i in range(4):
             name = f"prefix{i}"
             attach(model, num_virtual_tokens=prefix_len, init="random", seed=i).save_pretrained(Path(tmp) / name)
             models.append(name)
         del model
-        app = create_app(path, tmp, served_model_name="smollm2", scheduler=scheduler, max_batch_size=16,
-                         max_wait_ms=10, max_tokens_limit=max_tokens[1], reload_interval_s=None)  # fmt: skip
-        results = {"scheduler": type(app.state.prefixtune.batcher).__name__}
+        ready, urls, results = spawn.Queue(), {}, {}
+        stack.callback(ready.close)
+        for scheduler in SCHEDULERS:  # one after the other: two models loading at once would only slow both
+            args = (path, tmp, scheduler, max_tokens[1], torch.get_num_threads(), ready)  # --threads reaches it
+            server = spawn.Process(target=_serve, args=args, daemon=True)
+            server.start()
+            stack.callback(server.join, 30)
+            stack.callback(server.terminate)
+            name, urls[name], kind = ready.get(timeout=600)  # loaded and listening
+            results[name] = {"scheduler": kind}
 
         def job(i: int) -> tuple[str, str, int]:
             return models[i % len(models)], PROMPTS[i % len(PROMPTS)], random.Random(i).randint(*max_tokens)
 
-        spawn = multiprocessing.get_context("spawn")
-        runs: dict[int, list] = {clients: [] for clients in requests}  # (answers, wall, model calls) per round
-        with running(app, log_level="warning") as url:
-            # The levels take turns (1, 4, 16, 1, 4, 16, ...), each round with its share of the requests, so a
-            # machine that speeds up or slows down over minutes moves every level alike.
-            with contextlib.ExitStack() as stack:
-                pools = {c: stack.enter_context(concurrent.futures.ProcessPoolExecutor(c, spawn, _connect, (url,)))
-                         for c in requests}  # fmt: skip
-                for r in range(ROUNDS):
-                    for clients, count in requests.items():
-                        share = range(r * count // ROUNDS, (r + 1) * count // ROUNDS)
-                        list(pools[clients].map(_request, [job(0)] * clients))  # warm-up: every client connected
-                        stats = app.state.prefixtune.batcher.stats
-                        calls, rows = stats["steps"] + stats["batches"], stats["rows"]
-                        start = time.perf_counter()
-                        done = list(pools[clients].map(_request, [job(i) for i in share]))
-                        wall = time.perf_counter() - start
-                        calls, rows = stats["steps"] + stats["batches"] - calls, stats["rows"] - rows
-                        runs[clients].append((done, wall, calls, rows))
-        for clients, rounds in runs.items():
-            done = [d for answers, *_ in rounds for d in answers]
-            wall = sum(w for _, w, *_ in rounds)
-            calls = sum(c for _, _, c, _ in rounds)
-            latencies, firsts = [d[0] for d in done], [d[1] for d in done]
-            results[str(clients)] = {
-                "requests": len(done),
-                "requests_per_s": len(done) / wall,
-                "tokens_per_s": sum(d[2] for d in done) / wall,
-                "p50_s": percentile(latencies, 50),
-                "p95_s": percentile(latencies, 95),
-                "ttft_p50_s": percentile(firsts, 50),
-                "ttft_p95_s": percentile(firsts, 95),
-                "model_calls_per_s": calls / wall,  # decoding steps or generate calls
-                "rows_per_call": sum(n for *_, n in rounds) / max(calls, 1),  # rows a decoding step or batch held
-            }
-        results["stats"] = dict(app.state.prefixtune.batcher.stats)
+        pools = {c: stack.enter_context(concurrent.futures.ProcessPoolExecutor(c, spawn, _connect, (urls,)))
+                 for c in requests}  # fmt: skip
+        runs = {s: {c: [] for c in requests} for s in SCHEDULERS}  # (answers, wall, model calls, rows) per round
+        for r in range(ROUNDS):
+            for clients, count in requests.items():
+                share = range(r * count // ROUNDS, (r + 1) * count // ROUNDS)
+                for scheduler in SCHEDULERS[:: 1 if r % 2 == 0 else -1]:  # who goes first alternates by round
+                    list(pools[clients].map(_request, [(scheduler, *job(0))] * clients))  # warm-up: all connected
+                    before = _stats(urls[scheduler])
+                    start = time.perf_counter()
+                    done = list(pools[clients].map(_request, [(scheduler, *job(i)) for i in share]))
+                    wall = time.perf_counter() - start
+                    after = _stats(urls[scheduler])
+                    calls = sum(after.get(k, 0) - before.get(k, 0) for k in ("steps", "batches"))
+                    runs[scheduler][clients].append((done, wall, calls, after["rows"] - before["rows"]))
+        for scheduler, levels in runs.items():
+            for clients, rounds in levels.items():
+                done = [d for answers, *_ in rounds for d in answers]
+                wall = sum(w for _, w, *_ in rounds)
+                calls = sum(c for _, _, c, _ in rounds)
+                latencies, firsts = [d[0] for d in done], [d[1] for d in done]
+                results[scheduler][str(clients)] = {
+                    "requests": len(done),
+                    "requests_per_s": len(done) / wall,
+                    "tokens_per_s": sum(d[2] for d in done) / wall,
+                    "p50_s": percentile(latencies, 50),
+                    "p95_s": percentile(latencies, 95),
+                    "ttft_p50_s": percentile(firsts, 50),
+                    "ttft_p95_s": percentile(firsts, 95),
+                    "model_calls_per_s": calls / wall,  # decoding steps or generate calls
+                    "rows_per_call": sum(n for *_, n in rounds) / max(calls, 1),  # rows a step or batch held
+                }
+            results[scheduler]["stats"] = _stats(urls[scheduler])
     return results
 
 
@@ -197,10 +226,10 @@ def many_prefixes(path: str, count: int, used: int, max_tokens: tuple[int, int],
                   "rss_mb_before_server": before, "rss_mb_loaded": _rss_mb()}  # fmt: skip
         spawn = multiprocessing.get_context("spawn")
         with running(app, log_level="warning") as url:
-            with concurrent.futures.ProcessPoolExecutor(clients, spawn, _connect, (url,)) as pool:
+            with concurrent.futures.ProcessPoolExecutor(clients, spawn, _connect, ({"one": url},)) as pool:
                 for label, spread in (("one prefix", 1), (f"{used} prefixes", used)):
-                    jobs = [(f"p{i % spread:04d}", PROMPTS[i % len(PROMPTS)], random.Random(i).randint(*max_tokens))
-                            for i in range(requests)]  # fmt: skip
+                    jobs = [("one", f"p{i % spread:04d}", PROMPTS[i % len(PROMPTS)],
+                             random.Random(i).randint(*max_tokens)) for i in range(requests)]  # fmt: skip
                     list(pool.map(_request, jobs[:clients]))  # warm-up
                     start = time.perf_counter()
                     done = list(pool.map(_request, jobs))
@@ -282,9 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             "server_max_tokens": list(max_tokens),
         },
         "generation": generation(path, new_tokens, prefix_len, repeats) if "generation" in parts else old["generation"],
-        "server": {  # the dynamic batcher first, then continuous batching, same requests
-            s: server_load(path, s, max_tokens, prefix_len, requests) for s in ("batch", "continuous")
-        } if "server" in parts else old["server"],
+        "server": server_load(path, max_tokens, prefix_len, requests) if "server" in parts else old["server"],
     }
     if "many" in parts:
         result["many"] = many_prefixes(path, 40 if args.quick else 1000, 10 if args.quick else 100, max_tokens,
