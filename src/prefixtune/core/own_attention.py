@@ -25,6 +25,7 @@ heads, which no attention function takes) and Falcon-RW's ALiBi (it arrives fold
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import types
@@ -158,11 +159,18 @@ def _no_alibi_falcon(module: nn.Module) -> str | None:
     return None
 
 
+def _inline_falcon(module: nn.Module) -> bool:
+    """Falcon before transformers 5.25 attends inline (its forward takes `alibi`); from 5.25 on it calls the
+    registry itself, so it needs no adapter, only the ALiBi refusal."""
+    return "alibi" in inspect.signature(type(module).forward).parameters
+
+
 @dataclass(frozen=True)
 class Adapter:
     forward: Callable  # the module's forward in the registry's terms
     causal: bool  # a decoder's self-attention (it decides how a prompt is placed, and masks without a mask)
     refuse: Callable[[nn.Module], str | None] | None = None  # why a module of this class cannot take a prefix
+    needed: Callable[[nn.Module], bool] | None = None  # False: this version of the class calls the registry
 
 
 # keyed by (module path, class name), so no family's module is imported until a model of it is seen
@@ -173,7 +181,9 @@ ADAPTERS: dict[tuple[str, str], Adapter] = {
         _deberta, False, _no_talking_heads
     ),
     ("transformers.models.bloom.modeling_bloom", "BloomAttention"): Adapter(_bloom, True),
-    ("transformers.models.falcon.modeling_falcon", "FalconAttention"): Adapter(_falcon, True, _no_alibi_falcon),
+    ("transformers.models.falcon.modeling_falcon", "FalconAttention"): Adapter(
+        _falcon, True, _no_alibi_falcon, _inline_falcon
+    ),
 }
 
 
@@ -189,6 +199,8 @@ def install(model: nn.Module, implementation: str) -> int:
         reason = adapter.refuse(module) if adapter.refuse else None
         if reason:
             raise PrefixTuneError(f"{type(model).__name__}: {reason}")
+        if adapter.needed and not adapter.needed(module):
+            continue
         setattr(module, _IMPLEMENTATION, implementation)
         module.is_causal = adapter.causal
         heads = getattr(module, "num_heads", 0)
