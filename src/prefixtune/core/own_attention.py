@@ -1,12 +1,12 @@
 """The second way in: attention modules that compute attention themselves instead of calling the registry.
 
-DeBERTa, DeBERTa-v2/v3, MPNet, Falcon and BLOOM write their attention inline, so the function that
-`attention.py` registers never sees them. For each such class an adapter below re-expresses the
-module's forward in the registry's terms: the module's own projections give queries, keys, values and
-the family's score bias, the attention step goes to the same registered function every other family
-uses (and so to the same `PrefixState`, slots, masks and mixed-prefix batches), and the module's own
-output projection finishes. The adapters know nothing about prefixes; a family's terms only decide
-what bias the prefix columns get:
+DeBERTa, DeBERTa-v2/v3, MPNet, BLOOM and Falcon (before transformers 5.25) write their attention
+inline, so the function that `attention.py` registers never sees them. For each such class an
+adapter below re-expresses the module's forward in the registry's terms: the module's own
+projections give queries, keys, values and the family's score bias, the attention step goes to the
+same registered function every other family uses (and so to the same `PrefixState`, slots, masks
+and mixed-prefix batches), and the module's own output projection finishes. The adapters know
+nothing about prefixes; a family's terms only decide what bias the prefix columns get:
 
 - DeBERTa's content-to-position and position-to-content scores, and MPNet's relative-position bias,
   are position terms between two tokens of the input. A prefix key has no position, so its columns
