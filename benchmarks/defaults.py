@@ -118,7 +118,7 @@ def row(argv: list[str]) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--head-init", default="random")
-    p.add_argument("--seed", type=int, default=None, help="the run's seed (default: prefixtune train's)")
+    p.add_argument("--seed", type=int, default=TrainConfig().seed, help="the run's seed (default: prefixtune train's)")
     a = p.parse_args(argv)
     if a.row == "defaults":
         emit(_train(a.dataset, a.quick))
@@ -130,10 +130,9 @@ def row(argv: list[str]) -> None:
     else:
         with tempfile.TemporaryDirectory() as root:
             files = _small_files(Path(root))
-            seed = {} if a.seed is None else {"seed": a.seed}
-            emit({"head_init": a.head_init, "seed": a.seed if a.seed is not None else TrainConfig().seed,
+            emit({"head_init": a.head_init, "seed": a.seed,
                   **_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"], head_init=a.head_init,
-                           validation_file=files["validation"], test_file=files["test"], **seed)})  # fmt: skip
+                           validation_file=files["validation"], test_file=files["test"], seed=a.seed)})  # fmt: skip
 
 
 def grid_points() -> list[dict]:

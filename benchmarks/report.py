@@ -24,7 +24,7 @@ def _image(name: str, suffix: str) -> str:
 
 
 SMALL_LEAD = 3.0  # points over the head-only baseline that count as a clear win on the small set
-HEAD_INITS = {"random": "prefix, plain defaults", "probe": "prefix, `--head-init probe`"}
+HEAD_INIT_LABELS = {"random": "prefix, plain defaults", "probe": "prefix, `--head-init probe`"}  # by head_init
 
 
 def _mark(ok: bool) -> str:
@@ -432,9 +432,9 @@ def _serving(r: dict) -> str:
     return (f"SmolLM2-135M, {s['rows']} rows, prefix length {s['prefix_len']}, {s['new_tokens']} new tokens, "
             f"{s['threads']} threads. The server rows: 4 prefixes and the bare model, streamed greedy completions "
             f"with max_tokens drawn from {s.get('server_max_tokens', [32, 32])[0]}-"
-            f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, one server process per scheduler, the "
-            f"schedulers and levels taking turns over two rounds, the same requests for both ({per_client}). A level ends with a drain, its last "
-            f"requests running while the clients that are done wait; `rows per step` is the mean count of rows a "
+            f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, one server process per "
+            f"scheduler, the schedulers and levels taking turns over two rounds, the same requests for both "
+            f"({per_client}). A level ends with a drain, its last requests running while the clients that are done wait; `rows per step` is the mean count of rows a "
             f"decoding step (or a batch) held.\n\n{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}{extra}")  # fmt: skip
 
 
@@ -552,12 +552,12 @@ def _small(runs: list[dict]) -> str:
         mine = [run for run in runs if run["head_init"] == init]
         leads = [100 * (run["accuracy"] - run["baselines"]["head_only"]) for run in mine]
         for run, lead in zip(mine, leads, strict=True):
-            rows.append([HEAD_INITS[init], run["seed"], run["validation_accuracy"], run["accuracy"], run["steps"],
+            rows.append([HEAD_INIT_LABELS[init], run["seed"], run["validation_accuracy"], run["accuracy"], run["steps"],
                          run["baselines"]["head_only"], run["baselines"].get("tfidf", ""), f"{lead:+.1f}"])  # fmt: skip
         mean = sum(leads) / len(leads)
         clear = mean >= SMALL_LEAD and min(leads) > 0
         summary.append(
-            f"{HEAD_INITS[init]}: {mean:+.1f} points on average over {len(leads)} seed(s), "
+            f"{HEAD_INIT_LABELS[init]}: {mean:+.1f} points on average over {len(leads)} seed(s), "
             f"{min(leads):+.1f} to {max(leads):+.1f}"
             + (f" (a clear win: {_mark(clear)})" if init == "random" else "")
         )
