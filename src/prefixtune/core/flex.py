@@ -23,10 +23,13 @@ def widen(mask, query: torch.Tensor, kv_len: int, prefix_len: int, visible: torc
 
     if mask is not None and not isinstance(mask, BlockMask):
         return None
-    key = (id(mask), prefix_len, id(visible))
-    if key in built:
-        return built[key]
     batch, q_len = query.shape[0], query.shape[2]
+    # `built` outlives a call (a whole `generate`), so the key holds the shapes (a missing mask is the same
+    # None at every step) and the entry holds the mask and `visible` themselves: while they are pinned
+    # here, no later tensor can take their ids.
+    key = (id(mask), id(visible), prefix_len, batch, q_len, kv_len)
+    if key in built:
+        return built[key][-1]
     if mask is not None:
         inner = mask.mask_mod
     elif causal:  # no mask given: the model's causal pattern, bottom-right aligned as a cache needs
@@ -45,5 +48,5 @@ def widen(mask, query: torch.Tensor, kv_len: int, prefix_len: int, visible: torc
 
     widened = create_block_mask(mask_mod, B=batch, H=None, Q_LEN=q_len, KV_LEN=kv_len + prefix_len,
                                 device=query.device)  # fmt: skip
-    built[key] = widened
+    built[key] = (mask, visible, widened)
     return widened
