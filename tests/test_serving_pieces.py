@@ -127,7 +127,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone(f
 
     from prefixtune import attach
     from prefixtune.collection import PrefixCollection
-    from prefixtune.serving.packed_head import pack_output_projection
+    from prefixtune.serving.packed_linear import pack_linear_layers
     from prefixtune.serving.running_batch import Row, RunningBatch
 
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone(f
         out = bank.generate([name], input_ids=torch.tensor([ids]), max_new_tokens=steps, do_sample=False,
                             eos_token_id=None, pad_token_id=0)  # fmt: skip
         expected[key] = out[0, len(ids) :].tolist()
-    assert pack_output_projection(model)  # the batch's steps of several rows project through the packed head
+    assert pack_linear_layers(model)  # the batch's steps of several rows run through the packed weights
     batch = RunningBatch(model, bank["p2"].slots)
     got: dict[str, list[int]] = {}
 
@@ -179,36 +179,45 @@ def test_running_batch_rows_join_and_leave_mid_stream_and_equal_generate_alone(f
     assert batch.cache is None and got == expected
 
 
-def test_packed_output_projection_matches_the_linear_and_leaves_the_module_as_it_was():
+def test_packed_linear_layers_match_the_model_and_leave_its_modules_as_they_were():
     import torch
 
-    from prefixtune.serving import packed_head
+    from prefixtune.serving import packed_linear
 
     torch.manual_seed(0)
     model = tiny.make("llama", vocab_size=300, pad_token_id=0, eos_token_id=3, initializer_range=0.2).eval()
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
     head = model.get_output_embeddings()
     keys = set(model.state_dict())
+    ids = torch.randint(4, 300, (3, 5))
+    inputs = [ids[:1, :1], ids[:, :2], ids]  # 1, 6 and 15 rows
     hidden = torch.randn(3, 5, head.in_features)
-    inputs = [hidden[:1, :1], hidden[:, :2], hidden]  # 1, 6 and 15 rows
     with torch.no_grad():
-        plain = [head(x) for x in inputs]
-    assert packed_head.pack_output_projection(model)
-    assert model.get_output_embeddings() is head and type(head) is torch.nn.Linear and set(model.state_dict()) == keys
+        plain = [model(input_ids=x).logits for x in inputs]
+        plain_head = head(hidden)
+    assert packed_linear.pack_linear_layers(model) == len(layers) > 2  # attention, MLP and output projection
+    assert packed_linear.pack_linear_layers(model) == 0  # packed once
+    assert model.get_output_embeddings() is head and set(model.state_dict()) == keys
+    assert all(type(m) is torch.nn.Linear for m in layers)
     calls = []
     default = torch.nn.functional.linear
     with pytest.MonkeyPatch.context() as patch:  # which path each call takes
         patch.setattr(torch.nn.functional, "linear", lambda *a: calls.append("default") or default(*a))
         with torch.no_grad():
-            packed = [head(x) for x in inputs]
-        assert calls == ["default"]  # one row: the default path; several: the packed weight
+            packed = [model(input_ids=x).logits for x in inputs]
+            assert calls == ["default"] * len(layers)  # one row: the default path; several: the packed weights
+            calls.clear()
+            torch.testing.assert_close(head(hidden), plain_head, rtol=1e-5, atol=1e-5)
+            assert calls == []
         trained = head(hidden.requires_grad_())  # gradients: the default path, which autograd knows
-    assert calls == ["default", "default"] and trained.requires_grad
+    assert calls == ["default"] and trained.requires_grad
     assert torch.equal(packed[0], plain[0])
     for got, want in zip(packed[1:], plain[1:], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert torch.equal(got.argmax(-1), want.argmax(-1))
     classifier = tiny.make("bert", task="classification")  # no output projection onto a vocabulary: left alone
-    assert not packed_head.pack_output_projection(classifier)
+    assert packed_linear.pack_linear_layers(classifier) == 0
+    assert not any(hasattr(m, "packed_weight") for m in classifier.modules())
 
 
 def test_pick_samples_within_top_p_and_greedy_takes_the_argmax():

@@ -28,7 +28,7 @@ from prefixtune.errors import PrefixTuneError, first_line
 from prefixtune.serving.guards import BodyLimit, HeaderTimeoutH11Protocol
 from prefixtune.serving.limits import UVICORN_FIELDS, Settings
 from prefixtune.serving.openmp import release_thread_pool
-from prefixtune.serving.packed_head import pack_output_projection
+from prefixtune.serving.packed_linear import pack_linear_layers
 from prefixtune.serving.playground_routes import install_playground
 from prefixtune.serving.routes import install_routes
 from prefixtune.serving.server import PrefixServer
@@ -50,7 +50,7 @@ def load_base(name: str, device: str | None = None, dtype: str | None = None) ->
         model, tokenizer, task = tasks.load_model(name)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, getattr(torch, dtype or "float32")).eval()
-    pack_output_projection(model)  # decoders' steps of a few rows project onto the vocabulary faster; no-op otherwise
+    pack_linear_layers(model)  # decoding steps of a few rows run faster through oneDNN; no-op for classifiers
     return model, tokenizer, task
 
 
