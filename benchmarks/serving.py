@@ -208,7 +208,8 @@ def _rss_mb() -> float:
 
 
 def many_prefixes(path: str, count: int, used: int, max_tokens: tuple[int, int], requests: int, clients: int) -> dict:
-    """`count` prefixes in the folder; the same streamed load once naming one prefix, once spread over `used`."""
+    """`count` prefixes in the folder; the same streamed load naming one prefix and spread over `used`, the two
+    taking turns over `ROUNDS` rounds (half the requests each), so drift over minutes moves both alike."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp:
         prefix = attach(model, num_virtual_tokens=16, init="random", seed=0)
@@ -227,14 +228,20 @@ def many_prefixes(path: str, count: int, used: int, max_tokens: tuple[int, int],
         spawn = multiprocessing.get_context("spawn")
         with running(app, log_level="warning") as url:
             with concurrent.futures.ProcessPoolExecutor(clients, spawn, _connect, ({"one": url},)) as pool:
-                for label, spread in (("one prefix", 1), (f"{used} prefixes", used)):
-                    jobs = [("one", f"p{i % spread:04d}", PROMPTS[i % len(PROMPTS)],
-                             random.Random(i).randint(*max_tokens)) for i in range(requests)]  # fmt: skip
-                    list(pool.map(_request, jobs[:clients]))  # warm-up
-                    start = time.perf_counter()
-                    done = list(pool.map(_request, jobs))
-                    wall = time.perf_counter() - start
-                    result[label] = {"tokens_per_s": sum(d[2] for d in done) / wall, "requests_per_s": requests / wall}
+                loads = {"one prefix": 1, f"{used} prefixes": used}
+                totals = {label: [0, 0.0] for label in loads}  # tokens and seconds over the rounds
+                list(pool.map(_request, [("one", "p0000", PROMPTS[0], max_tokens[0])] * clients))  # warm-up
+                for r in range(ROUNDS):  # the two loads take turns, who goes first alternating, as the schedulers do
+                    for label in list(loads)[:: 1 if r % 2 == 0 else -1]:
+                        share, spread = range(r, requests, ROUNDS), loads[label]
+                        jobs = [("one", f"p{i % spread:04d}", PROMPTS[i % len(PROMPTS)],
+                                 random.Random(i).randint(*max_tokens)) for i in share]  # fmt: skip
+                        start = time.perf_counter()
+                        done = list(pool.map(_request, jobs))
+                        totals[label][0] += sum(d[2] for d in done)
+                        totals[label][1] += time.perf_counter() - start
+                for label, (tokens, wall) in totals.items():
+                    result[label] = {"tokens_per_s": tokens / wall, "requests_per_s": requests / wall}
         result["rss_mb_after"] = _rss_mb()
         result["spread_vs_one"] = result[f"{used} prefixes"]["tokens_per_s"] / result["one prefix"]["tokens_per_s"]
     return result
@@ -314,8 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
         "server": server_load(path, max_tokens, prefix_len, requests) if "server" in parts else old["server"],
     }
     if "many" in parts:
+        # 128 requests name prefix i % 100: every one of the 100 is used, in turns with the one-prefix load
         result["many"] = many_prefixes(path, 40 if args.quick else 1000, 10 if args.quick else 100, max_tokens,
-                                       16 if args.quick else 64, 4 if args.quick else 16)  # fmt: skip
+                                       16 if args.quick else 128, 4 if args.quick else 16)  # fmt: skip
     elif "many" in old:
         result["many"] = old["many"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
