@@ -434,8 +434,9 @@ def _serving(r: dict) -> str:
             f"with max_tokens drawn from {s.get('server_max_tokens', [32, 32])[0]}-"
             f"{s.get('server_max_tokens', [32, 32])[1]}, one process per client, one server process per "
             f"scheduler, the schedulers and levels taking turns over two rounds, the same requests for both "
-            f"({per_client}). A level ends with a drain, its last requests running while the clients that are done wait; `rows per step` is the mean count of rows a "
-            f"decoding step (or a batch) held.\n\n{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}{extra}")  # fmt: skip
+            f"({per_client}). A level ends with a drain, its last requests running while the clients that are "
+            f"done wait; `rows per step` is the mean count of rows a decoding step (or a batch) held.\n\n"
+            f"{table(r)}\n\n{markdown_table(['target', 'measured', ''], rows)}{extra}")  # fmt: skip
 
 
 def _scaling(r: dict) -> str:

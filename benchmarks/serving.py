@@ -50,6 +50,16 @@ PROMPTS = [
 ]
 
 
+def _turn(order: tuple | list, r: int) -> list:
+    """Who goes in round `r`, in order: as listed in even rounds, reversed in odd ones, so no one always goes first."""
+    return list(order)[:: 1 if r % 2 == 0 else -1]
+
+
+def _share(r: int, count: int) -> range:
+    """Round `r`'s share of `count` requests: the rounds split them into consecutive parts."""
+    return range(r * count // ROUNDS, (r + 1) * count // ROUNDS)
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile: a value that was really observed."""
     ordered = sorted(values)
@@ -168,8 +178,8 @@ def server_load(path: str, max_tokens: tuple[int, int], prefix_len: int, request
         runs = {s: {c: [] for c in requests} for s in SCHEDULERS}  # (answers, wall, model calls, rows) per round
         for r in range(ROUNDS):
             for clients, count in requests.items():
-                share = range(r * count // ROUNDS, (r + 1) * count // ROUNDS)
-                for scheduler in SCHEDULERS[:: 1 if r % 2 == 0 else -1]:  # who goes first alternates by round
+                share = _share(r, count)
+                for scheduler in _turn(SCHEDULERS, r):
                     list(pools[clients].map(_request, [(scheduler, *job(0))] * clients))  # warm-up: all connected
                     before = _stats(urls[scheduler])
                     start = time.perf_counter()
@@ -231,9 +241,9 @@ def many_prefixes(path: str, count: int, used: int, max_tokens: tuple[int, int],
                 loads = {"one prefix": 1, f"{used} prefixes": used}
                 totals = {label: [0, 0.0] for label in loads}  # tokens and seconds over the rounds
                 list(pool.map(_request, [("one", "p0000", PROMPTS[0], max_tokens[0])] * clients))  # warm-up
-                for r in range(ROUNDS):  # the two loads take turns, who goes first alternating, as the schedulers do
-                    for label in list(loads)[:: 1 if r % 2 == 0 else -1]:
-                        share, spread = range(r, requests, ROUNDS), loads[label]
+                for r in range(ROUNDS):  # the two loads take turns, as the schedulers do
+                    for label in _turn(loads, r):
+                        share, spread = _share(r, requests), loads[label]
                         jobs = [("one", f"p{i % spread:04d}", PROMPTS[i % len(PROMPTS)],
                                  random.Random(i).randint(*max_tokens)) for i in share]  # fmt: skip
                         start = time.perf_counter()
