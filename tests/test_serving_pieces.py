@@ -333,3 +333,34 @@ def test_growing_cache_layer_matches_concatenation_and_appends_in_place():
     assert torch.equal(keys[:, :, :-1], ref[0]) and layer.get_seq_length() == ref[0].shape[2] + 1
     with pytest.raises(ValueError, match="width"):
         layer.stack(other.keys, other.values)
+
+
+@pytest.mark.parametrize("lengths", [[1, 1, 1, 4, 2], [1, 1], [3, 1, 2], [1, 5]])
+def test_ragged_attention_equals_each_token_attending_its_own_row(lengths):
+    """Packed tokens of rows feeding one token (attended one query each) and of prompts (in a block):
+    each token sees exactly its row's visible columns up to its own, as plain attention would."""
+    import torch
+
+    from prefixtune.core.ragged import RaggedPlan, attend
+
+    gen = torch.Generator().manual_seed(len(lengths))
+    rows, width, heads, kv_heads, dim = len(lengths), 9, 4, 2, 8
+    visible = torch.ones(rows, width, dtype=torch.bool)
+    for r in range(rows):
+        visible[r, : r % 3] = False  # left padding, never reaching the row's own tokens
+    plan = RaggedPlan.build(lengths, visible)
+    tokens = sum(lengths)
+    query = torch.randn(1, heads, tokens, dim, generator=gen)
+    key, value = (torch.randn(rows, kv_heads, width, dim, generator=gen) for _ in range(2))
+    out = attend(plan, query, key, value, scale=None)
+    assert out.shape == (1, tokens, heads, dim)
+    assert plan.rows.tolist() == [r for r, n in enumerate(lengths) for _ in range(n)]
+    assert plan.columns.tolist() == [width - n + k for n in lengths for k in range(n)]
+    for t in range(tokens):
+        r, c = int(plan.rows[t]), int(plan.columns[t])
+        seen = visible[r].clone()
+        seen[c + 1 :] = False
+        k = key[r].repeat_interleave(heads // kv_heads, 0)[:, seen]
+        v = value[r].repeat_interleave(heads // kv_heads, 0)[:, seen]
+        weights = (query[0, :, t, None] @ k.transpose(1, 2) / dim**0.5).softmax(-1)
+        torch.testing.assert_close(out[0, t], (weights @ v)[:, 0], atol=1e-5, rtol=1e-5)

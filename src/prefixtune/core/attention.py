@@ -158,10 +158,12 @@ def _grouped_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
     mask is given, and with a prefix there always is one. PyTorch's CPU kernels take the groups as
     they are (`enable_gqa`), which keeps those copies out of the saved activations: 7% less peak
     memory for a SmolLM2 training step, same numbers. On GPUs a masked `enable_gqa` falls back to
-    the slow math kernel, so there the stock path stays.
+    the slow math kernel, so there the stock path stays. A decoding step gains too: one query per row
+    against 70 cached positions (13 rows, SmolLM2's 9 query and 3 key/value heads) took 229 us the
+    stock way and 105 us grouped on 2 cores, 3 ms of a 79 ms step over 30 layers.
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.device.type != "cpu" or groups <= 1 or query.shape[2] == 1 or args:
+    if query.device.type != "cpu" or groups <= 1 or args:
         return None
     if any(kwargs.get(k) is not None for k in _NOT_FOR_GROUPED) or kwargs.get("output_attentions"):
         return None
@@ -177,6 +179,15 @@ def _grouped_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
     return out.transpose(1, 2).contiguous(), None
 
 
+def _plain(base: str, fn, module, query, key, value, attention_mask, *args, **kwargs):
+    """The base function, with SDPA's grouped keys/values read in place where `_grouped_sdpa` can."""
+    if base == "sdpa" and attention_mask is not None:
+        grouped = _grouped_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+        if grouped is not None:
+            return grouped
+    return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+
 def _make_attention(base: str):
     def prefix_attention(module, query, key, value, attention_mask, *args, prefix_bias=None, **kwargs):
         fn = _base_function(base, module)
@@ -188,12 +199,12 @@ def _make_attention(base: str):
             return ragged.attend(state.ragged, query, key, value, kwargs.get("scaling")), None
         slot = state.slots.get(module) if state is not None else None
         if slot is None:
-            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+            return _plain(base, fn, module, query, key, value, attention_mask, *args, **kwargs)
         if state.record is not None:
             state.record[slot] = (query.shape[2], key, value)
         entry = state.kv[slot] if state.kv is not None else None
         if entry is None:
-            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+            return _plain(base, fn, module, query, key, value, attention_mask, *args, **kwargs)
         batch, kv_len = query.shape[0], key.shape[2]
         pk, pv = (match_rows(t, batch).to(key.dtype) for t in entry[:2])
         plen = pk.shape[2]
@@ -227,11 +238,7 @@ def _make_attention(base: str):
         attention_mask = _widen_mask(attention_mask, module, query, kv_len, plen, entry[2], kwargs.get("is_causal"))
         if attention_mask is not None:
             kwargs.pop("is_causal", None)
-        if base == "sdpa" and attention_mask is not None:
-            grouped = _grouped_sdpa(module, query, key, value, attention_mask, *args, **kwargs)
-            if grouped is not None:
-                return grouped
-        return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        return _plain(base, fn, module, query, key, value, attention_mask, *args, **kwargs)
 
     prefix_attention.__name__ = f"prefix_attention_{base}"
     return prefix_attention

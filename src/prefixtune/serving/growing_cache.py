@@ -102,7 +102,7 @@ class GrowingLayer(DynamicLayer):
         columns = self.start + self.plan.columns
         self._keys[self.plan.rows, :, columns] = key_states[0].transpose(0, 1)
         self._values[self.plan.rows, :, columns] = value_states[0].transpose(0, 1)
-        self.end = self.start + self.plan.mask.shape[-1]
+        self.end = self.start + self.plan.width
         return self.keys, self.values
 
     def reserve(self, width: int) -> None:
