@@ -186,13 +186,22 @@ def server_load(path: str, max_tokens: tuple[int, int], prefix_len: int, request
                     done = list(pools[clients].map(_request, [(scheduler, *job(i)) for i in share]))
                     wall = time.perf_counter() - start
                     after = _stats(urls[scheduler])
-                    calls = sum(after.get(k, 0) - before.get(k, 0) for k in ("steps", "batches"))
-                    runs[scheduler][clients].append((done, wall, calls, after["rows"] - before["rows"]))
+                    grew = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+                    runs[scheduler][clients].append((done, wall, grew))
         for scheduler, levels in runs.items():
             for clients, rounds in levels.items():
                 done = [d for answers, *_ in rounds for d in answers]
-                wall = sum(w for _, w, *_ in rounds)
-                calls = sum(c for _, _, c, _ in rounds)
+                wall = sum(w for _, w, _ in rounds)
+                kinds = ("steps", "batches", "rows", "decode_steps", "row_steps", "prefills", "prefill_rows")
+                grew = {k: sum(g.get(k, 0) for *_, g in rounds) for k in kinds}
+                calls = grew["steps"] + grew["batches"]
+                # The model's forwards of either scheduler and the rows they carried: the batcher's `generate`
+                # calls (prefill included) step every row to the end of the longest; the continuous scheduler's
+                # rows leave when done, and a prompt that did not ride in a step was fed in a forward of its own.
+                if grew["decode_steps"]:
+                    steps, row_steps = grew["decode_steps"], grew["row_steps"]
+                else:
+                    steps, row_steps = grew["steps"] + grew["prefills"], grew["rows"] + grew["prefill_rows"]
                 latencies, firsts = [d[0] for d in done], [d[1] for d in done]
                 results[scheduler][str(clients)] = {
                     "requests": len(done),
@@ -203,7 +212,11 @@ def server_load(path: str, max_tokens: tuple[int, int], prefix_len: int, request
                     "ttft_p50_s": percentile(firsts, 50),
                     "ttft_p95_s": percentile(firsts, 95),
                     "model_calls_per_s": calls / wall,  # decoding steps or generate calls
-                    "rows_per_call": sum(n for *_, n in rounds) / max(calls, 1),  # rows a step or batch held
+                    "rows_per_call": grew["rows"] / max(calls, 1),  # rows a step or batch held
+                    "decoding_steps": steps,
+                    "ms_per_step": 1000 * wall / max(steps, 1),
+                    "rows_per_step": row_steps / max(steps, 1),
+                    "row_steps_with_a_token": sum(d[2] for d in done) / max(row_steps, 1),
                 }
             results[scheduler]["stats"] = _stats(urls[scheduler])
     return results
@@ -271,14 +284,17 @@ def table(result: dict) -> str:
         f"| mixed vs sequential | {gen['mixed_speedup_vs_sequential']:.2f} x faster (target >= 3) |",
         "",
         "| scheduler | clients | requests | requests/s | tokens/s | p50 latency (s) | p95 latency (s) "
-        "| first token p50 (s) | first token p95 (s) | rows per step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| first token p50 (s) | first token p95 (s) | rows per call | ms per step | rows per step "
+        "| row-steps with a token |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    nan = float("nan")
     for scheduler, runs in result["server"].items():
         lines += [
             f"| {scheduler} | {c} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} "
             f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} "
-            f"| {r.get('rows_per_call', float('nan')):.2f} |"
+            f"| {r.get('rows_per_call', nan):.2f} | {r.get('ms_per_step', nan):.0f} "
+            f"| {r.get('rows_per_step', nan):.2f} | {r.get('row_steps_with_a_token', nan):.2f} |"
             for c, r in client_levels(runs).items()
         ]
     many = result.get("many")

@@ -359,13 +359,19 @@ def test_load_200_requests_16_clients_all_equal_offline(server, request):
         ids = off.chat_ids(prompt) if is_chat else off.tok(prompt)["input_ids"]
         assert got == off.answer(name, ids, max_tokens), (name, prompt, max_tokens, is_chat)
     stats = srv.batcher.stats
-    grew = {k: stats[k] - before.get(k, 0) for k in ("requests", "batches", "rows", "steps", "joined_running", "rode")}
+    keys = ("requests", "batches", "rows", "steps", "joined_running", "rode", "decode_steps", "row_steps",
+            "prefill_rows")  # fmt: skip
+    grew = {k: stats[k] - before.get(k, 0) for k in keys}
     assert grew["requests"] == 200 and stats.get("failed", 0) == before.get("failed", 0), grew
+    tokens = sum(got[2] for got in answers)  # each came from a row of a forward: a step's or a prefill's
     if llama["scheduler"] == "batch":
         assert grew["rows"] == 200 and grew["batches"] < 150, grew  # requests really shared batches
+        assert grew["batches"] * LIMIT >= grew["decode_steps"] >= max(got[2] for got in answers), grew
+        assert grew["row_steps"] > tokens, (grew, tokens)  # finished rows step on in `generate`
     else:  # steps were shared, and rows joined batches that were already decoding, their prompts fed in its steps
         assert grew["rows"] > 1.5 * grew["steps"] and grew["joined_running"] > 20 and stats["max_rows"] > 4, grew
         assert grew["rode"] > 20, grew
+        assert tokens <= grew["rows"] + grew["prefill_rows"] <= tokens + 200, (grew, tokens)  # + a last EOS each
     print(f"200 requests in {elapsed:.1f} s: {grew}")
 
 

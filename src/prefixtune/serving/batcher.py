@@ -168,11 +168,14 @@ class Batcher:
             self.stats["rows"] += rows
             self.stats["requests"] += len(group)
             self.stats["max_rows"] = max(self.stats["max_rows"], rows)
-            self._run_group(group, split=True)
+            steps = self._run_group(group, split=True)
+            # Every row of a `generate` call takes every step, finished or not: how much of that made tokens.
+            self.stats["decode_steps"] += steps
+            self.stats["row_steps"] += rows * steps
 
-    def _run_group(self, group: list[Work], split: bool) -> None:
+    def _run_group(self, group: list[Work], split: bool) -> int:
         try:
-            self.engine.run(group)
+            return self.engine.run(group)
         except Exception as exc:  # noqa: BLE001 - isolate the failing request, keep the others
             if split and len(group) > 1:
                 self.stats["reruns"] += 1
@@ -182,16 +185,18 @@ class Batcher:
                     type(exc).__name__,
                     exc,
                 )
+                steps = 0
                 for w in group:
                     if w.closed:
                         continue
                     if w.sampled and any(w.tokens):  # sampled text cannot be resumed faithfully
                         w.fail(exc)
                     else:
-                        self._run_group([w], split=False)
-                return
+                        steps += self._run_group([w], split=False)
+                return steps
             log.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=not isinstance(exc, RequestError))
             for w in group:
                 if not w.closed:
                     self.stats["failed"] += 1
                 w.fail(exc)
+            return 0

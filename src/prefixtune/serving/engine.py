@@ -134,7 +134,8 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def run(self, group: list[Work]) -> None:
+    def run(self, group: list[Work]) -> int:
+        """Answer a group of compatible requests with one model call; the decoding steps it took (0: classify)."""
         group = [w for w in group if not w.closed and not w.cancelled]
         for w in group:
             if w.prefix is None:
@@ -144,8 +145,12 @@ class Engine:
             except UnknownPrefixError:
                 w.fail(UnknownPrefixError(f"prefix {w.prefix!r} was removed before the request ran"))
         group = [w for w in group if not w.closed]
-        if group:
-            (self._generate if group[0].kind == "generate" else self._classify)(group)
+        if not group:
+            return 0
+        if group[0].kind == "generate":
+            return self._generate(group)
+        self._classify(group)
+        return 0
 
     def _pad(self, prompts: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -169,7 +174,7 @@ class Engine:
             config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
         return config
 
-    def _generate(self, group: list[Work]) -> None:
+    def _generate(self, group: list[Work]) -> int:
         rows: list[tuple[Work, list[int]]] = []
         prompts, prefixes = [], []
         for w in group:
@@ -188,6 +193,7 @@ class Engine:
             stopping_criteria=StoppingCriteriaList([router]),
         )
         router.close()
+        return router.step
 
     @torch.no_grad()
     def _classify(self, group: list[Work]) -> None:

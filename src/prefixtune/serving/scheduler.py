@@ -207,6 +207,7 @@ class ContinuousBatcher(Batcher):
         return not (row.fed or row.alone or len(row.prompt) > self.prefill_chunk or row.work.closed)
 
     def _join_group(self, rows: list[Row]) -> None:
+        self._count_prefill(len(rows))
         try:
             logits, cache, mask = self.batch.prefill(rows)
         except Exception:  # noqa: BLE001 - find the row at fault: each is fed again alone
@@ -216,7 +217,13 @@ class ContinuousBatcher(Batcher):
             return
         self._joined(rows, logits, cache, mask)
 
+    def _count_prefill(self, rows: int) -> None:
+        """A forward of prompts only (not riding in a decoding step), and the rows it fed."""
+        self.stats["prefills"] += 1
+        self.stats["prefill_rows"] += rows
+
     def _feed_alone(self, row: Row, budget: int) -> int:
+        self._count_prefill(1)
         before = row.fed
         try:
             logits = self.batch.feed(row, budget)
