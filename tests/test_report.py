@@ -179,3 +179,21 @@ def test_defaults_benchmark_hands_a_rows_dataset_to_the_row(monkeypatch):
     monkeypatch.setattr(defaults, "row", seen.append)
     defaults.main(["--row", "defaults", "--dataset", "bbc_topic"])  # not swallowed as an abbreviated --datasets
     assert seen == [["--row", "defaults", "--dataset", "bbc_topic"]]
+
+
+def test_the_p50_gap_is_worked_out_from_the_runs_own_step_counts():
+    from benchmarks.report import _latency_bound
+
+    def level(rps: float, p50: float, ms: float, rows: float, useful: float) -> dict:
+        return {"requests_per_s": rps, "p50_s": p50, "ms_per_step": ms, "rows_per_step": rows,
+                "row_steps_with_a_token": useful}  # fmt: skip
+
+    # means 16/4 = 4 s and 16/2 = 8 s, p50 at 0.8 and 0.75 of them: p50 <= 0.5 x needs 2 x 0.8 / 0.75 = 2.13 x the
+    # requests/s; tokens per row-step 1/0.5 = 2 x, row-steps cost 10 and 8 ms: 2 x 8 / 10 = 1.6 x as it is
+    server = {"continuous": {"16": level(4.0, 3.2, 120, 12, 1.0)}, "batch": {"16": level(2.0, 6.0, 96, 12, 0.5)}}
+    text = _latency_bound(server)
+    assert "needs 2.13 × the batcher's requests/s" in text and "2.00 × as many tokens per row-step" in text
+    assert "10.0 ms of wall time for continuous batching, 8.0 ms for the batcher" in text
+    assert "row-steps 25% cheaper than they are, 6% cheaper than the batcher's" in text  # 1 - 1.6/2.13, 1 - 2/2.13
+    server["batch"]["16"]["p50_s"] = 6.4  # p50 exactly 0.5 x: met, nothing to explain
+    assert _latency_bound(server) == ""
