@@ -191,9 +191,15 @@ def test_the_p50_gap_is_worked_out_from_the_runs_own_step_counts():
     # means 16/4 = 4 s and 16/2 = 8 s, p50 at 0.8 and 0.75 of them: p50 <= 0.5 x needs 2 x 0.8 / 0.75 = 2.13 x the
     # requests/s; tokens per row-step 1/0.5 = 2 x, row-steps cost 10 and 8 ms: 2 x 8 / 10 = 1.6 x as it is
     server = {"continuous": {"16": level(4.0, 3.2, 120, 12, 1.0)}, "batch": {"16": level(2.0, 6.0, 96, 12, 0.5)}}
+    server["continuous"]["16"]["tokens_per_s"], server["batch"]["16"]["tokens_per_s"] = 160.0, 100.0
     text = _latency_bound(server)
     assert "needs 2.13 × the batcher's requests/s" in text and "2.00 × as many tokens per row-step" in text
     assert "10.0 ms of wall time for continuous batching, 8.0 ms for the batcher" in text
-    assert "row-steps 25% cheaper than they are, 6% cheaper than the batcher's" in text  # 1 - 1.6/2.13, 1 - 2/2.13
-    server["batch"]["16"]["p50_s"] = 6.4  # p50 exactly 0.5 x: met, nothing to explain
+    assert "Together they give 1.60 ×" in text
+    take = "would take continuous row-steps costing at most"
+    assert f"1.70 × {take} 1.18 × the batcher's on the same model, 6% less than now" in text  # 2 / 1.7, 1 - 1.6/1.7
+    assert f"2.13 × {take} 0.94 × the batcher's on the same model, 25% less than now" in text  # 2 / 2.13, 1 - 1.6/2.13
+    server["batch"]["16"]["p50_s"] = 6.4  # p50 exactly 0.5 x: met, but tokens/s 1.6 x is not
+    assert "1.70 × would take" in _latency_bound(server)
+    server["continuous"]["16"]["tokens_per_s"] = 170.0  # both met: nothing to explain
     assert _latency_bound(server) == ""
