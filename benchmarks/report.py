@@ -474,7 +474,7 @@ def _latency_bound(server: dict) -> str:
         f"time in proportion to the rows beyond a few), so a row-step costs about the same in both: "
         f"{cost['new']:.1f} ms of wall time for continuous batching, {cost['old']:.1f} ms for the batcher (the "
         f"prompts that ride in its steps, one for each request it completes, make its rows dearer). Together "
-        f"they give {now:.2f} ×; {cheaper(1.7)}; {cheaper(needed)}."
+        f"they give {now:.2f} ×; " + "; ".join(cheaper(r) for r in (1.7, needed) if r > now) + "."
     )
 
 

@@ -201,5 +201,9 @@ def test_the_p50_gap_is_worked_out_from_the_runs_own_step_counts():
     assert f"2.13 × {take} 0.94 × the batcher's on the same model, 25% less than now" in text  # 2 / 2.13, 1 - 1.6/2.13
     server["batch"]["16"]["p50_s"] = 6.4  # p50 exactly 0.5 x: met, but tokens/s 1.6 x is not
     assert "1.70 × would take" in _latency_bound(server)
-    server["continuous"]["16"]["tokens_per_s"] = 170.0  # both met: nothing to explain
+    server["batch"]["16"]["p50_s"] = 6.0
+    server["batch"]["16"]["ms_per_step"] = 120  # row-steps cost the same: 2 x as it is, so only p50's 2.13 x is left
+    text = _latency_bound(server)
+    assert "Together they give 2.00 ×; 2.13 × would take" in text and "1.70 × would take" not in text
+    server["batch"]["16"]["p50_s"], server["continuous"]["16"]["tokens_per_s"] = 6.4, 170.0  # both met: nothing to say
     assert _latency_bound(server) == ""
