@@ -198,7 +198,7 @@ def server_load(path: str, max_tokens: tuple[int, int], prefix_len: int, request
                 # The model's forwards of either scheduler and the rows they carried: the batcher's `generate`
                 # calls (prefill included) step every row to the end of the longest; the continuous scheduler's
                 # rows leave when done, and a prompt that did not ride in a step was fed in a forward of its own.
-                if grew["decode_steps"]:
+                if scheduler == "batch":
                     steps, row_steps = grew["decode_steps"], grew["row_steps"]
                 else:
                     steps, row_steps = grew["steps"] + grew["prefills"], grew["rows"] + grew["prefill_rows"]

@@ -35,7 +35,8 @@ class RaggedPlan:
     columns: torch.Tensor  # [N] cache column (within the columns in use after the step)
     single: int  # the leading rows that feed one token: packed tokens 0..single-1, one each
     single_mask: torch.Tensor  # [single, 1, 1, width] bool: the key columns each of their queries sees
-    slots: torch.Tensor  # [N - single] query slot of the other tokens, right-aligned in their row's block
+    block_rows: torch.Tensor  # [N - single] the other tokens' rows within the block (cache row - single)
+    slots: torch.Tensor  # [N - single] their query slots, right-aligned in their row's block
     mask: torch.Tensor  # [rows - single, 1, longest, width] bool: the key columns each query slot sees
 
     @property
@@ -61,7 +62,7 @@ class RaggedPlan:
         mask = rest[:, None, :] & causal[None]
         padding = torch.arange(longest, device=device)[None, :] < (longest - counts[single:])[:, None]  # no query
         mask = torch.where(padding[..., None], rest[:, None, :], mask)  # never an all-masked query row
-        return cls(rows, columns, single, visible[:single, None, None, :], slots, mask[:, None])
+        return cls(rows, columns, single, visible[:single, None, None, :], rows[single:] - single, slots, mask[:, None])
 
 
 def attend(plan: RaggedPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -79,9 +80,9 @@ def attend(plan: RaggedPlan, query: torch.Tensor, key: torch.Tensor, value: torc
     if plan.mask.shape[0]:
         rows, longest = plan.mask.shape[0], plan.mask.shape[2]
         block = query.new_zeros(rows, query.shape[1], longest, query.shape[3])
-        block[plan.rows[single:] - single, :, plan.slots] = query[0, :, single:].transpose(0, 1)
+        block[plan.block_rows, :, plan.slots] = query[0, :, single:].transpose(0, 1)
         out = torch.nn.functional.scaled_dot_product_attention(
             block, key[single:], value[single:], attn_mask=plan.mask, scale=scale, enable_gqa=gqa
         )
-        parts.append(out[plan.rows[single:] - single, :, plan.slots])
+        parts.append(out[plan.block_rows, :, plan.slots])
     return torch.cat(parts)[None] if len(parts) > 1 else parts[0][None]
