@@ -121,6 +121,71 @@ def test_defaults_targets_are_judged_against_the_grid_point_validation_chose(mon
     assert "-1.00 points on validation, +0.0 on test, with 30% of the grid's compute (**not met**" in text
 
 
+def test_with_seeds_the_verdicts_read_the_seed_means(monkeypatch):
+    from benchmarks import report
+    from benchmarks.report import _defaults
+
+    grid = [_point(0.01, 8, 2, 0.80, 0.80, 1000), _point(0.1, 32, 5, 0.85, 0.82, 2000)]  # validation picks the 2nd
+    monkeypatch.setattr(report, "grid_points", lambda: grid)
+    defaults = {"learning_rate": 0.03, "steps": 500, "budget": 1000, "validation_accuracy": 0.84, "accuracy": 0.80,
+                "examples_seen": 8000}  # fmt: skip
+    search = {"validation_accuracy": 0.84, "accuracy": 0.80, "trials": 4, "pruned": 1, "examples_seen": 900,
+              "best_params": {"learning_rate": 0.03, "num_virtual_tokens": 16, "steps": 1000, "reparam": "none"}}
+    seeds = [{"run": "defaults", "seed": 1, "validation_accuracy": 0.85, "accuracy": 0.81},
+             {"run": "grid", "seed": 1, "validation_accuracy": 0.84, "accuracy": 0.80}]  # fmt: skip
+    got = {"defaults": defaults, "grid": grid, "search": search, "seeds": seeds}
+    text = _defaults({"rotten_tomatoes": got})
+    assert "-2.0 on test (**not met** within 1 point)" in text  # one seed: 0.80 against the choice's 0.82
+    # the means: defaults 0.845 / 0.805, the grid's choice 0.845 / 0.81
+    assert "Over 2 seeds" in text and "spans up to 2.0 points" in text
+    assert "+0.00 points on validation, -0.50 on test (met within 1 point)" in text
+    assert "The search chose the plain defaults' setting, so the same means hold for it (met within 0.5 point)" in text
+    seeds[0]["accuracy"] = 0.79  # defaults' mean 0.795: 1.5 points behind
+    assert "-1.50 on test (**not met** within 1 point)" in _defaults({"rotten_tomatoes": got})
+    del seeds[1]  # the grid's choice on one seed only: no verdict on unequal counts
+    assert "(**not met** within 1 point)." in _defaults({"rotten_tomatoes": got}).split("Over 2 seeds")[1]
+
+
+def test_seeds_part_reruns_the_defaults_and_the_grid_choice_per_seed_and_resumes(monkeypatch, tmp_path):
+    from benchmarks import defaults
+
+    grid = [{**point, "validation_accuracy": 0.5 + i / 100} for i, point in enumerate(defaults.grid_points())]
+    best = grid[-1]
+    done = {"rotten_tomatoes": {"grid": grid, "seeds": [{"run": "defaults", "seed": defaults.SEEDS[0]}]}}
+    (tmp_path / "defaults.json").write_text(json.dumps(done))
+    ran: list[list[str]] = []
+
+    def fake_row(module, args, timeout=None):
+        ran.append(args)
+        return {"seed": int(args[args.index("--seed") + 1]), "validation_accuracy": 0.6, "accuracy": 0.7}
+
+    monkeypatch.setattr(defaults, "RESULTS", tmp_path)
+    monkeypatch.setattr(defaults, "run_row", fake_row)
+    defaults.main(["--parts", "seeds", "--datasets", "rotten_tomatoes"])
+    assert len(ran) == 2 * len(defaults.SEEDS) - 1  # the finished run is not run again
+    grid_runs = [a for a in ran if a[1] == "grid"]
+    assert all(f"--learning-rate={best['learning_rate']}" in a and f"--epochs={best['epochs']}" in a for a in grid_runs)
+    saved = json.loads((tmp_path / "defaults.json").read_text())["rotten_tomatoes"]["seeds"]
+    assert sorted((r["run"], r["seed"]) for r in saved) == sorted(
+        (run, seed) for run in ("defaults", "grid") for seed in defaults.SEEDS)  # fmt: skip
+
+
+def test_the_demo_settings_table_marks_the_demo_and_whether_it_is_validations_best():
+    from benchmarks.demo_settings import settings
+    from benchmarks.report import _demo_settings
+
+    demo = settings({})
+    other = {**demo, "train_samples": 3000, "epochs": 4}
+    row = {"steps": 10, "head_only_validation_accuracy": 0.7, "wall_s": 60.0}
+    text = _demo_settings({"variants": [{**other, **row, "validation_accuracy": 0.80},
+                                        {**demo, **row, "validation_accuracy": 0.82}]})  # fmt: skip
+    assert "best validation accuracy (met)" in text
+    assert text.index("**the demo**") < text.index("3,000 x 4")  # best first
+    text = _demo_settings({"variants": [{**other, **row, "validation_accuracy": 0.83},
+                                        {**demo, **row, "validation_accuracy": 0.82}]})  # fmt: skip
+    assert "(**not met**)" in text
+
+
 def _small_run(init: str, seed: int, test: float, head: float) -> dict:
     return {"head_init": init, "seed": seed, "validation_accuracy": 0.8, "accuracy": test, "steps": 500,
             "baselines": {"head_only": head, "tfidf": 0.6}}  # fmt: skip
