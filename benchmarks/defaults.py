@@ -28,6 +28,7 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import RESULTS, emit, run_row
@@ -140,9 +141,9 @@ def row(argv: list[str]) -> None:
                            validation_file=files["validation"], test_file=files["test"], seed=a.seed)})  # fmt: skip
 
 
-def _seeds(dataset: str, got: dict, flag: list[str]) -> None:
-    """The plain defaults and the grid's validation choice once more per seed in SEEDS (resumable: a run
-    already in `got["seeds"]` is kept)."""
+def _seeds(dataset: str, got: dict, flag: list[str], save: Callable[[], None]) -> None:
+    """The plain defaults and the grid's validation choice once more per seed in SEEDS, each saved as it ends
+    (resumable: a run already in `got["seeds"]` is kept)."""
     best = max(got["grid"], key=lambda g: g["validation_accuracy"])
     point = [f"--{k.replace('_', '-')}={best[k]}" for k in GRID]
     runs = got.setdefault("seeds", [])
@@ -152,6 +153,7 @@ def _seeds(dataset: str, got: dict, flag: list[str]) -> None:
                 continue
             argv = ["--row", run, "--dataset", dataset, *args, "--seed", str(seed), *flag]
             runs.append({"run": run, **run_row("benchmarks.defaults", argv, timeout=ROW_TIMEOUT)})
+            save()
             print(f"  {dataset} {run} seed {seed}: test {runs[-1]['accuracy']:.4f}", flush=True)
 
 
@@ -207,8 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             got["search"] = run_row("benchmarks.defaults", args, timeout=ROW_TIMEOUT)
             _save(results, a.quick)
         if "seeds" in parts and got.get("grid"):
-            _seeds(dataset, got, flag)
-            _save(results, a.quick)
+            _seeds(dataset, got, flag, lambda: _save(results, a.quick))
     if "small" in parts:  # the plain defaults, and with the head warm-started by a probe (LP-FT), per seed
         runs = []
         for seed in SMALL_SEEDS[:1] if a.quick else SMALL_SEEDS:

@@ -23,6 +23,7 @@ def _image(name: str, suffix: str) -> str:
     return f"![{name}]({'' if suffix else 'benchmarks/results/'}{name}{suffix}.png)"
 
 
+VALIDATION_ROWS = 1280  # the bundled Rotten Tomatoes validation split, which the demo's settings are checked on
 SMALL_LEAD = 3.0  # points over the head-only baseline that count as a clear win on the small set
 HEAD_INIT_LABELS = {"random": "prefix, plain defaults", "probe": "prefix, `--head-init probe`"}  # by head_init
 
@@ -601,11 +602,15 @@ def _seed_means(got: dict, best: dict) -> str:
     val, test = (mean("defaults", k) - mean("grid", k) for k in ("validation_accuracy", "accuracy"))
     spread = [100 * (max(r["accuracy"] for r in rs) - min(r["accuracy"] for r in rs)) for rs in runs.values()]
     seeds = len(runs["defaults"])
+    if len(runs["grid"]) != seeds:
+        return (f"The `seeds` part is partial ({seeds} run(s) of the plain defaults, {len(runs['grid'])} of the grid's "
+                "choice), so no verdict is drawn from it yet.\n\n"
+                + markdown_table(["run", "seed", "validation accuracy", "test accuracy"], rows))
     text = (
         f"Over {seeds} seeds (the table's and `--parts seeds`), one setting's test accuracy spans up to "
         f"{max(spread):.1f} points. Seed means, plain defaults vs the grid's validation choice "
         f"(lr {best['learning_rate']:g}, P {best['num_virtual_tokens']}, {best['epochs']} epochs): {val:+.2f} points "
-        f"on validation, {test:+.2f} on test ({_mark(min(val, test) >= -1.0 and len(runs['grid']) == seeds)} within "
+        f"on validation, {test:+.2f} on test ({_mark(min(val, test) >= -1.0)} within "
         "1 point)."
     )
     search = got.get("search", {}).get("best_params", {})
@@ -614,7 +619,7 @@ def _seed_means(got: dict, best: dict) -> str:
         d["learning_rate"], 16, d["budget"]) and search.get("reparam") in (None, "none"):  # fmt: skip
         text += (
             " The search chose the plain defaults' setting, so the same means hold for it "
-            f"({_mark(min(val, test) >= -0.5 and len(runs['grid']) == seeds)} within 0.5 point)."
+            f"({_mark(min(val, test) >= -0.5)} within 0.5 point)."
         )
     return "\n".join([text, "", markdown_table(["run", "seed", "validation accuracy", "test accuracy"], rows)])
 
@@ -651,24 +656,40 @@ def _small(runs: list[dict]) -> str:
 
 
 def _demo_settings(r: dict) -> str:
-    """The demo's variants on validation, best first; the demo runs the best (its constants are checked)."""
+    """The demo's variants on validation, best first, and whether any should replace the demo's settings.
+
+    A lead smaller than a standard error of the validation accuracy is noise, and the demo's own work is
+    already at its 3-minute limit on a 2-core machine without native bf16, so a variant replaces the demo's
+    settings only when it leads by more than a standard error and takes no longer than the demo."""
     from benchmarks.demo_settings import settings
 
     rows = sorted(r["variants"], key=lambda v: -v["validation_accuracy"])
-    demo = settings({})
-    table = [["**the demo**" if demo.items() <= v.items() else "",
-              f"{v['train_samples']:,} x {v['epochs']}", f"{v['learning_rate']:g}",
-              f"{v['top_layers']} of 6", v["steps"], v["validation_accuracy"], v["head_only_validation_accuracy"],
-              round(v["wall_s"])] for v in rows]  # fmt: skip
-    best = rows[0]
-    chosen = demo.items() <= best.items()
+    demo_settings = settings({})
+    demo = next((v for v in rows if demo_settings.items() <= v.items()), None)
+    if demo is None:
+        return "The demo's own settings are not among the variants yet."
+    n = VALIDATION_ROWS
+    se = 100 * (demo["validation_accuracy"] * (1 - demo["validation_accuracy"]) / n) ** 0.5
+    fits = [v for v in rows if v is not demo and v["demo_wall_s"] <= 1.05 * demo["demo_wall_s"]]
+
+    def lead(v: dict) -> float:
+        return 100 * (v["validation_accuracy"] - demo["validation_accuracy"])
+
+    best_fit = max((lead(v) for v in fits), default=0.0)
+    table = [["**the demo**" if v is demo else "", f"{v['train_samples']:,} x {v['epochs']}",
+              f"{v['learning_rate']:g}", f"{v['top_layers']} of 6", v["steps"], v["validation_accuracy"],
+              f"{lead(v):+.2f}", v["head_only_validation_accuracy"],
+              round(v["demo_wall_s"])] for v in rows]  # fmt: skip
     return "\n".join([
-        "`prefixtune demo` on MiniLM with Rotten Tomatoes, each variant scored on the 1,280-row validation split "
-        "(the test split is never read here); the demo runs the variant with the best validation accuracy "
-        f"({_mark(chosen)}). Wall time is the whole run on 2 cores, validation scoring included.",
+        f"`prefixtune demo` on MiniLM with Rotten Tomatoes, each variant scored on the {n:,}-row validation split "
+        "(the test split is never read here). A variant would replace the demo's settings if it led on "
+        f"validation by more than a standard error ({se:.1f} points) and took no longer than the demo, whose work "
+        "is already at the 3-minute limit on a 2-core machine without native bf16. The best lead among the "
+        f"variants that take no longer: {best_fit:+.2f} points (the demo's settings hold: "
+        f"{_mark(best_fit <= se)}). Wall time is the whole demo run on 2 cores, validation scoring included.",
         "",
         markdown_table(["", "snippets x epochs", "lr", "prefix layers (top)", "steps", "validation accuracy",
-                        "head only", "wall (s)"], table),  # fmt: skip
+                        "lead (points)", "head only", "wall (s)"], table),  # fmt: skip
     ])
 
 
