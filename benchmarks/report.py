@@ -562,6 +562,7 @@ def _defaults(r: dict) -> str:
                 f"The grid is partial ({len(grid)} of {len(grid_points())} points, the shortest runs first), "
                 "so no verdict is drawn against it."
             )
+        seeded = bool(best and got.get("seeds") and got.get("defaults")) and _seeds_complete(got["seeds"])
         if best and not partial:
             # Met only when the gap holds both on validation (what the grid chose by) and on test.
             for run, label, within in (("defaults", "Plain defaults", 1.0), ("search", "Search", 0.5)):
@@ -574,15 +575,21 @@ def _defaults(r: dict) -> str:
                 line.append(
                     f"{label} vs the grid's validation choice: {val:+.2f} points on validation, {test:+.1f} on "
                     f"test" + ("" if run == "defaults" else f", with {share:.0%} of the grid's compute")
-                    + f" ({_mark(min(val, test) >= -within - 1e-9 and cheap)} within {within:g} point"
-                    + ("" if run == "defaults" else " at most a third of the compute") + ")."
-                )
+                    + (" (one seed; the verdict reads the seed means below)." if seeded else
+                       f" ({_mark(min(val, test) >= -within - 1e-9 and cheap)} within {within:g} point"
+                       + ("" if run == "defaults" else " at most a third of the compute") + ").")
+                )  # fmt: skip
         out += ["", " ".join(line)] if line else []
         if best and not partial and got.get("seeds") and got.get("defaults"):
             out += ["", _seed_means(got, best)]
     if r.get("small"):
         out += ["", _small(r["small"])]
     return "\n".join(out)
+
+
+def _seeds_complete(seeds: list[dict]) -> bool:
+    """Whether the `seeds` part ran as many seeds for the grid's choice as for the plain defaults."""
+    return sum(r["run"] == "defaults" for r in seeds) == sum(r["run"] == "grid" for r in seeds)
 
 
 def _seed_means(got: dict, best: dict) -> str:
