@@ -274,3 +274,23 @@ def test_the_p50_gap_is_worked_out_from_the_runs_own_step_counts():
     assert "Together they give 2.00 ×; 2.13 × would take" in text and "1.70 × would take" not in text
     server["batch"]["16"]["p50_s"], server["continuous"]["16"]["tokens_per_s"] = 6.4, 170.0  # both met: nothing to say
     assert _latency_bound(server) == ""
+
+
+def test_demo_settings_scores_each_variant_once_and_resumes(monkeypatch, tmp_path):
+    from benchmarks import demo_settings
+
+    first = demo_settings.settings(demo_settings.VARIANTS[0])
+    (tmp_path / "demo_settings.json").write_text(json.dumps({"variants": [{**first, "validation_accuracy": 0.8}]}))
+    ran: list[dict] = []
+
+    def fake_row(module, args, timeout=None):
+        variant = json.loads(args[args.index("--row") + 1])
+        ran.append(variant)
+        return {**demo_settings.settings(variant), "validation_accuracy": 0.7, "wall_s": 1.0}
+
+    monkeypatch.setattr(demo_settings, "PATH", tmp_path / "demo_settings.json")
+    monkeypatch.setattr(demo_settings, "run_row", fake_row)
+    demo_settings.main([])
+    assert ran == demo_settings.VARIANTS[1:]  # the scored variant is not run again
+    saved = json.loads((tmp_path / "demo_settings.json").read_text())["variants"]
+    assert len(saved) == len(demo_settings.VARIANTS) and saved[0]["validation_accuracy"] == 0.8
