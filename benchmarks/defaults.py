@@ -7,8 +7,9 @@ For each bundled classification data set (Rotten Tomatoes, BBC topic) on MiniLM:
 - `search`: `prefixtune tune --trials N` as a user runs it (trials of half, once or twice `prefixtune train`'s
   budget, the first one its defaults), its compute counted in training examples seen;
 - `small`: 800 training rows of Rotten Tomatoes as three classes (rotten, fresh, plot synopsis), where the
-  defaults, and the same with `--head-init probe`, face the head-only and TF-IDF baselines on the full
-  test split, once per seed in SMALL_SEEDS;
+  defaults, the same with `--head-init probe`, and the demo's recipe (the prefix in the top half of the
+  layers, the layers below cached) face the head-only and TF-IDF baselines on the full test split, once
+  per seed in SMALL_SEEDS;
 - `seeds`: the plain defaults and the grid's validation choice again with each seed in SEEDS, because one
   run's test accuracy moves by about a point with the seed alone, as much as the gaps the verdicts weigh.
 The test split chooses nothing anywhere; each point's test score is shown for the record.
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import RESULTS, emit, run_row
+from prefixtune.cli.demo import TOP_LAYERS as DEMO_TOP_LAYERS
 from prefixtune.train import TrainConfig
 
 DATASETS = ("rotten_tomatoes", "bbc_topic")
@@ -41,6 +43,10 @@ SMALL = {"train": 800, "validation": 200}  # rows of the small data set (Rotten 
 SMALL_SEEDS = (42, 1, 2)  # on 800 rows a single seed's lead over the head-only baseline moves by points
 SEEDS = (1, 2)  # the `seeds` part's runs, beside the main rows' seed (prefixtune train's, 42)
 SMALL_CATEGORIES = ("rotten", "fresh", "plot")  # a review's verdict, or a plot synopsis: the issue's 800-row story
+# The small set's runs besides the seed: the plain defaults, LP-FT's probe-first head, and the demo's recipe.
+SMALL_VARIANTS = ({"head_init": "random", "top_layers": 0}, {"head_init": "probe", "top_layers": 0},
+                  {"head_init": "random", "top_layers": DEMO_TOP_LAYERS})  # fmt: skip
+MINILM_LAYERS = 6  # all-MiniLM-L6-v2
 ROW_TIMEOUT = 4 * 3600  # a 5-epoch Rotten Tomatoes point takes about an hour on 2 cores
 QUICK = {"max_train_samples": 96, "max_eval_samples": 48, "max_steps": 12}  # a smoke test of the pipeline
 
@@ -123,6 +129,8 @@ def row(argv: list[str]) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--head-init", default="random")
+    p.add_argument("--top-layers", type=int, default=0, help="small: the prefix in MiniLM's top N layers only, the "
+                   "layers below cached (--layers, --cache-frozen-layers); 0: every layer")  # fmt: skip
     p.add_argument("--seed", type=int, default=TrainConfig().seed, help="the run's seed (default: prefixtune train's)")
     a = p.parse_args(argv)
     if a.row == "defaults":
@@ -134,11 +142,13 @@ def row(argv: list[str]) -> None:
     elif a.row == "search":
         emit(_search(a.dataset, a.quick, a.trials))
     else:
+        top = {"layers": list(range(MINILM_LAYERS - a.top_layers, MINILM_LAYERS)), "cache_frozen_layers": True}
         with tempfile.TemporaryDirectory() as root:
             files = _small_files(Path(root))
-            emit({"head_init": a.head_init, "seed": a.seed,
+            emit({"head_init": a.head_init, "top_layers": a.top_layers, "seed": a.seed,
                   **_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"], head_init=a.head_init,
-                           validation_file=files["validation"], test_file=files["test"], seed=a.seed)})  # fmt: skip
+                           validation_file=files["validation"], test_file=files["test"], seed=a.seed,
+                           **(top if a.top_layers else {}))})  # fmt: skip
 
 
 def _seeds(dataset: str, got: dict, flag: list[str], save: Callable[[], None]) -> None:
@@ -210,14 +220,20 @@ def main(argv: list[str] | None = None) -> None:
             _save(results, a.quick)
         if "seeds" in parts and got.get("grid"):
             _seeds(dataset, got, flag, lambda: _save(results, a.quick))
-    if "small" in parts:  # the plain defaults, and with the head warm-started by a probe (LP-FT), per seed
-        runs = []
+    if "small" in parts:  # each variant per seed; resumable, each run saved as it ends
+        runs = results.setdefault("small", [])
         for seed in SMALL_SEEDS[:1] if a.quick else SMALL_SEEDS:
-            for init in ("random", "probe"):
-                runs.append(run_row("benchmarks.defaults", ["--row", "small", "--head-init", init, "--seed", str(seed),
-                                                            *flag]))  # fmt: skip
-        results["small"] = runs
-        _save(results, a.quick)
+            for variant in SMALL_VARIANTS:
+                if any(_small_key(run) == (variant["head_init"], variant["top_layers"], seed) for run in runs):
+                    continue
+                args = ["--head-init", variant["head_init"], "--top-layers", str(variant["top_layers"])]
+                runs.append(run_row("benchmarks.defaults", ["--row", "small", *args, "--seed", str(seed), *flag]))
+                _save(results, a.quick)
+
+
+def _small_key(run: dict) -> tuple:
+    """A small-set run's variant and seed; runs saved before the top-layers variant had every layer."""
+    return run["head_init"], run.get("top_layers", 0), run["seed"]
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, markdown_table, paired_ratio_interval
-from benchmarks.defaults import DATASETS, SMALL, SMALL_CATEGORIES, grid_points
+from benchmarks.defaults import DATASETS, MINILM_LAYERS, SMALL, SMALL_CATEGORIES, grid_points
 from benchmarks.speed import TOP_HALF
 
 
@@ -26,6 +26,15 @@ def _image(name: str, suffix: str) -> str:
 VALIDATION_ROWS = 1280  # the bundled Rotten Tomatoes validation split, which the demo's settings are checked on
 SMALL_LEAD = 3.0  # points over the head-only baseline that count as a clear win on the small set
 HEAD_INIT_LABELS = {"random": "prefix, plain defaults", "probe": "prefix, `--head-init probe`"}  # by head_init
+
+
+def _small_label(run: dict) -> str:
+    """A small-set run's variant: its head initialisation, or the demo's top-layers recipe."""
+    top = run.get("top_layers", 0)  # runs saved before that variant existed had the prefix in every layer
+    if not top:
+        return HEAD_INIT_LABELS[run["head_init"]]
+    first = MINILM_LAYERS - top
+    return f"prefix, top {top} layers (`--layers {','.join(map(str, range(first, MINILM_LAYERS)))} --cache-frozen-layers`)"
 
 
 def _mark(ok: bool) -> str:
@@ -634,23 +643,22 @@ def _seed_means(got: dict, best: dict) -> str:
 
 
 def _small(runs: list[dict]) -> str:
-    """The small set, one run per seed and head initialisation: the prefix's lead over the head-only baseline.
+    """The small set, one run per seed and variant: the prefix's lead over the head-only baseline.
 
     On 800 rows one seed's lead moves by a point or two with the seed alone, so the verdict reads every
     seed: a clear win leads on average by SMALL_LEAD points and in no seed falls behind."""
     rows, summary = [], []
-    for init in dict.fromkeys(run["head_init"] for run in runs):
-        mine = [run for run in runs if run["head_init"] == init]
+    for label in dict.fromkeys(map(_small_label, runs)):
+        mine = [run for run in runs if _small_label(run) == label]
         leads = [100 * (run["accuracy"] - run["baselines"]["head_only"]) for run in mine]
         for run, lead in zip(mine, leads, strict=True):
-            rows.append([HEAD_INIT_LABELS[init], run["seed"], run["validation_accuracy"], run["accuracy"], run["steps"],
+            rows.append([label, run["seed"], run["validation_accuracy"], run["accuracy"], run["steps"],
                          run["baselines"]["head_only"], run["baselines"].get("tfidf", ""), f"{lead:+.1f}"])  # fmt: skip
         mean = sum(leads) / len(leads)
         clear = mean >= SMALL_LEAD and min(leads) > 0
         summary.append(
-            f"{HEAD_INIT_LABELS[init]}: {mean:+.1f} points on average over {len(leads)} seed(s), "
-            f"{min(leads):+.1f} to {max(leads):+.1f}"
-            + (f" (a clear win: {_mark(clear)})" if init == "random" else "")
+            f"{label}: {mean:+.1f} points on average over {len(leads)} seed(s), {min(leads):+.1f} to {max(leads):+.1f}"
+            + (f" (a clear win: {_mark(clear)})" if label == HEAD_INIT_LABELS["random"] else "")
         )
     return "\n".join([
         f"Small data set: {SMALL['train']} Rotten Tomatoes training rows as three classes "
