@@ -142,13 +142,18 @@ def row(argv: list[str]) -> None:
     elif a.row == "search":
         emit(_search(a.dataset, a.quick, a.trials))
     else:
-        top = {"layers": list(range(MINILM_LAYERS - a.top_layers, MINILM_LAYERS)), "cache_frozen_layers": True}
+        top = {"layers": top_layers(a.top_layers), "cache_frozen_layers": True} if a.top_layers else {}
         with tempfile.TemporaryDirectory() as root:
             files = _small_files(Path(root))
             emit({"head_init": a.head_init, "top_layers": a.top_layers, "seed": a.seed,
                   **_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"], head_init=a.head_init,
                            validation_file=files["validation"], test_file=files["test"], seed=a.seed,
-                           **(top if a.top_layers else {}))})  # fmt: skip
+                           **top)})  # fmt: skip
+
+
+def top_layers(n: int) -> list[int]:
+    """MiniLM's top `n` layer indices: where the small set's top-layers variant puts the prefix."""
+    return list(range(MINILM_LAYERS - n, MINILM_LAYERS))
 
 
 def _seeds(dataset: str, got: dict, flag: list[str], save: Callable[[], None]) -> None:
@@ -222,9 +227,10 @@ def main(argv: list[str] | None = None) -> None:
             _seeds(dataset, got, flag, lambda: _save(results, a.quick))
     if "small" in parts:  # each variant per seed; resumable, each run saved as it ends
         runs = results.setdefault("small", [])
+        done = {_small_key(run) for run in runs}
         for seed in SMALL_SEEDS[:1] if a.quick else SMALL_SEEDS:
             for variant in SMALL_VARIANTS:
-                if any(_small_key(run) == (variant["head_init"], variant["top_layers"], seed) for run in runs):
+                if _small_key({**variant, "seed": seed}) in done:
                     continue
                 args = ["--head-init", variant["head_init"], "--top-layers", str(variant["top_layers"])]
                 runs.append(run_row("benchmarks.defaults", ["--row", "small", *args, "--seed", str(seed), *flag]))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, markdown_table, paired_ratio_interval
-from benchmarks.defaults import DATASETS, MINILM_LAYERS, SMALL, SMALL_CATEGORIES, grid_points
+from benchmarks.defaults import DATASETS, SMALL, SMALL_CATEGORIES, grid_points, top_layers
 from benchmarks.speed import TOP_HALF
 
 
@@ -33,8 +33,7 @@ def _small_label(run: dict) -> str:
     top = run.get("top_layers", 0)  # runs saved before that variant existed had the prefix in every layer
     if not top:
         return HEAD_INIT_LABELS[run["head_init"]]
-    first = MINILM_LAYERS - top
-    return f"prefix, top {top} layers (`--layers {','.join(map(str, range(first, MINILM_LAYERS)))} --cache-frozen-layers`)"
+    return f"prefix, top {top} layers (`--layers {','.join(map(str, top_layers(top)))} --cache-frozen-layers`)"
 
 
 def _mark(ok: bool) -> str:
