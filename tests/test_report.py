@@ -172,7 +172,7 @@ def test_seeds_part_reruns_the_defaults_and_the_grid_choice_per_seed_and_resumes
         (run, seed) for run in ("defaults", "grid") for seed in defaults.SEEDS)  # fmt: skip
 
 
-def test_small_part_runs_each_variant_per_seed_once_and_keeps_runs_saved_before_the_top_layers_variant(
+def test_small_part_runs_each_variant_per_seed_and_each_draw_once_and_keeps_runs_saved_before_the_top_layers_variant(
     monkeypatch, tmp_path
 ):
     from benchmarks import defaults
@@ -183,18 +183,25 @@ def test_small_part_runs_each_variant_per_seed_once_and_keeps_runs_saved_before_
 
     def fake_row(module, args, timeout=None):
         ran.append(args)
-        head_init, top, seed = (args[args.index(flag) + 1] for flag in ("--head-init", "--top-layers", "--seed"))
-        return {"head_init": head_init, "top_layers": int(top), "seed": int(seed)}
+        flags = ("--head-init", "--top-layers", "--draw", "--seed")
+        head_init, top, draw, seed = (args[args.index(flag) + 1] for flag in flags)
+        return {"head_init": head_init, "top_layers": int(top), "draw": int(draw), "seed": int(seed)}
 
     monkeypatch.setattr(defaults, "RESULTS", tmp_path)
     monkeypatch.setattr(defaults, "run_row", fake_row)
     defaults.main(["--parts", "small", "--datasets", "rotten_tomatoes"])
-    assert len(ran) == len(defaults.SMALL_VARIANTS) * len(defaults.SMALL_SEEDS) - 1  # the saved run is kept
+    runs = len(defaults.SMALL_VARIANTS) * len(defaults.SMALL_SEEDS) + len(defaults.SMALL_DRAWS)
+    assert len(ran) == runs - 1  # the saved run is kept
     saved = json.loads((tmp_path / "defaults.json").read_text())["small"]
     assert saved[0] == old
+    plain, seed = defaults.SMALL_VARIANTS[0], defaults.TrainConfig().seed
     assert sorted(map(defaults._small_key, saved)) == sorted(
-        (v["head_init"], v["top_layers"], seed) for v in defaults.SMALL_VARIANTS for seed in defaults.SMALL_SEEDS)
+        [(v["head_init"], v["top_layers"], 0, s) for v in defaults.SMALL_VARIANTS for s in defaults.SMALL_SEEDS]
+        + [(plain["head_init"], plain["top_layers"], draw, seed) for draw in defaults.SMALL_DRAWS])
     assert {a[a.index("--top-layers") + 1] for a in ran} == {"0", "3"}  # every layer, or the demo's top 3
+    ran.clear()
+    defaults.main(["--parts", "small", "--datasets", "rotten_tomatoes"])
+    assert ran == []  # every run saved: nothing runs twice
 
 
 def test_a_demo_variant_replaces_the_demos_settings_only_by_a_lead_beyond_noise_in_no_more_time():
@@ -213,25 +220,37 @@ def test_a_demo_variant_replaces_the_demos_settings_only_by_a_lead_beyond_noise_
     assert "+2.00 points (the demo's settings hold: **not met**)" in _demo_settings({"variants": [demo, close]})
 
 
-def _small_run(init: str, seed: int, test: float, head: float, top_layers: int = 0) -> dict:
-    return {"head_init": init, "top_layers": top_layers, "seed": seed, "validation_accuracy": 0.8, "accuracy": test,
-            "steps": 500, "baselines": {"head_only": head, "tfidf": 0.6}}  # fmt: skip
+def _small_run(init: str, seed: int, test: float, head: float, top_layers: int = 0, draw: int = 0) -> dict:
+    return {"head_init": init, "top_layers": top_layers, "draw": draw, "seed": seed, "validation_accuracy": 0.8,
+            "accuracy": test, "steps": 500, "baselines": {"head_only": head, "tfidf": 0.6}}  # fmt: skip
 
 
-def test_a_clear_win_on_the_small_set_needs_the_average_lead_and_every_seed_ahead():
+def test_a_clear_win_on_the_small_set_needs_the_average_lead_over_draws_and_every_run_ahead():
     from benchmarks.report import _small
 
     runs = [_small_run("random", 42, 0.80, 0.75), _small_run("random", 1, 0.78, 0.75)]
     runs.append(_small_run("probe", 42, 0.7, 0.75))
     runs.append(_small_run("random", 42, 0.9, 0.75, top_layers=3))
-    del runs[1]["top_layers"]  # runs saved before the top-layers variant had the prefix in every layer
+    del runs[1]["top_layers"], runs[1]["draw"]  # saved before those existed: every layer, draw 0
     text = _small(runs)
-    assert "plain defaults: +4.0 points on average over 2 seed(s), +3.0 to +5.0 (a clear win: met)" in text
-    assert "`--head-init probe`: -5.0 points on average over 1 seed(s)" in text
+    assert ("plain defaults: +4.0 points on average over 1 draw(s) (draw 0 +4.0 (2 seed(s))), runs +3.0 to +5.0 "
+            "(a clear win: met)") in text  # fmt: skip
+    assert "`--head-init probe`: -5.0 points on average over 1 draw(s)" in text
     # The top-layers variant is reported apart from the plain defaults, and draws no verdict of its own.
-    assert "top 3 layers (`--layers 3,4,5 --cache-frozen-layers`): +15.0 points on average over 1 seed(s)" in text
-    runs[0]["accuracy"], runs[1]["accuracy"] = 0.82, 0.745  # +3.25 on average, but one seed falls behind
+    assert "top 3 layers (`--layers 3,4,5 --cache-frozen-layers`): +15.0 points on average over 1 draw(s)" in text
+    runs[0]["accuracy"], runs[1]["accuracy"] = 0.82, 0.745  # +3.25 on average, but one run falls behind
     assert "(a clear win: **not met**)" in _small(runs)
+
+
+def test_the_small_set_verdict_weighs_each_draw_alike_whatever_its_number_of_seeds():
+    from benchmarks.report import _small
+
+    seeds = [_small_run("random", seed, 0.76, 0.75) for seed in (42, 1, 2)]  # draw 0: +1 point in 3 seeds
+    others = [_small_run("random", 42, 0.79, 0.75, draw=1), _small_run("random", 42, 0.79, 0.75, draw=2)]  # +4 each
+    text = _small(seeds + others)  # over the 5 runs the mean would be +2.8; over the draws it is +3.0
+    assert "+3.0 points on average over 3 draw(s) (draw 0 +1.0 (3 seed(s)), draw 1 +4.0 (1 seed(s))" in text
+    assert "(a clear win: met)" in text
+    assert "| prefix, plain defaults | 2 | 42 |" in text
 
 
 def test_a_partial_grid_draws_no_verdict():
