@@ -70,6 +70,7 @@ def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path
     assert table["prefix tuning: test accuracy"] == f"{result['prefix_accuracy']:.4f}"  # it returns what it prints
     assert table["head only: test accuracy"] == f"{result['head_only_accuracy']:.4f}"
     assert table["prefix tuning: steps / seconds"].startswith(f"{result['steps']} / ")
+    assert re.fullmatch(r"\d+\.\d", table["wall time (s)"])  # seconds to a tenth, not a score's 4 decimals
     assert result["steps"] == EPOCHS * 64 // 32 and not result["out_of_time"]  # every epoch ran, batches of 32
     # Both beat always answering the sample's majority label (39 of 64 positive: 0.609). With these seeds
     # the prefix measures 0.7500 and the head alone 0.7344, with bf16 autocast or without.

@@ -103,7 +103,7 @@ def _print_result(metrics: dict, baseline: dict, trainable: int, steps: int, pre
         ("head only: macro-F1", baseline["macro_f1"]),
         ("head only: trained params", f"{int(baseline['trainable']):,}"),
         ("prefix minus head only (points)", gain),
-        ("wall time (s)", round(wall_s, 1)),
+        ("wall time (s)", f"{wall_s:.1f}"),
     ]))  # fmt: skip
 
 
