@@ -15,6 +15,9 @@ from prefixtune import attach
 from prefixtune.collection import PrefixCollection
 from prefixtune.core import flash
 
+# Uncompiled is the point here: torch's advice to compile would cost minutes per test on CPU.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
 
 @pytest.fixture
 def uncompiled_flex(monkeypatch):
