@@ -651,13 +651,12 @@ def _small(runs: list[dict]) -> str:
     for label in dict.fromkeys(map(_small_label, runs)):
         mine = sorted((run for run in runs if _small_label(run) == label), key=lambda run: run.get("draw", 0))
         leads = [100 * (run["accuracy"] - run["baselines"]["head_only"]) for run in mine]
-        for run, lead in zip(mine, leads, strict=True):
-            rows.append([label, run.get("draw", 0), run["seed"], run["validation_accuracy"], run["accuracy"],
-                         run["steps"], run["baselines"]["head_only"], run["baselines"].get("tfidf", ""),
-                         f"{lead:+.1f}"])  # fmt: skip
         by_draw: dict[int, list[float]] = {}
         for run, lead in zip(mine, leads, strict=True):
-            by_draw.setdefault(run.get("draw", 0), []).append(lead)
+            draw = run.get("draw", 0)  # runs saved before other draws existed are draw 0
+            by_draw.setdefault(draw, []).append(lead)
+            rows.append([label, draw, run["seed"], run["validation_accuracy"], run["accuracy"], run["steps"],
+                         run["baselines"]["head_only"], run["baselines"].get("tfidf", ""), f"{lead:+.1f}"])  # fmt: skip
         draw_means = {draw: statistics.mean(got) for draw, got in by_draw.items()}
         mean = statistics.mean(draw_means.values())
         clear = mean >= SMALL_LEAD and min(leads) > 0
