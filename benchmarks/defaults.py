@@ -7,10 +7,11 @@ For each bundled classification data set (Rotten Tomatoes, BBC topic) on MiniLM:
 - `search`: `prefixtune tune --trials N` as a user runs it (trials of half, once or twice `prefixtune train`'s
   budget, the first one its defaults), its compute counted in training examples seen;
 - `small`: 800 training rows of Rotten Tomatoes as three classes (rotten, fresh, plot synopsis), where the
-  defaults, the same with `--head-init probe`, and the demo's recipe (the prefix in the top half of the
-  layers, the layers below cached) face the head-only and TF-IDF baselines on the full test split, once
-  per seed in SMALL_SEEDS; then the plain defaults on other draws of 800 + 200 rows (SMALL_DRAWS), since
-  which rows a user happens to have moves the lead as much as the seed does;
+  defaults (on this few rows a prefix trained through the MLP), a direct prefix (`--reparam none`) alone,
+  with `--head-init probe` and in the demo's recipe (the prefix in the top half of the layers, the layers
+  below cached) face the head-only and TF-IDF baselines on the full test split, once per seed in
+  SMALL_SEEDS; then the plain defaults and the direct prefix on other draws of 800 + 200 rows
+  (SMALL_DRAWS), since which rows a user happens to have moves the lead as much as the seed does;
 - `seeds`: the plain defaults and the grid's validation choice again with each seed in SEEDS, because one
   run's test accuracy moves by about a point with the seed alone, as much as the gaps the verdicts weigh.
 The test split chooses nothing anywhere; each point's test score is shown for the record.
@@ -42,14 +43,18 @@ GRID = {"learning_rate": [1e-2, 3e-2, 1e-1], "num_virtual_tokens": [8, 32], "epo
 SEARCH_SHARE = 1 / 3  # the search may spend at most this share of the grid's compute
 SMALL = {"train": 800, "validation": 200}  # rows of the small data set (Rotten Tomatoes, three classes)
 SMALL_SEEDS = (42, 1, 2)  # on 800 rows a single seed's lead over the head-only baseline moves by points
-# Further samples of the small set (draw 0 is the one above), plain defaults, prefixtune train's seed: which
-# 800 rows a user happens to have moves the lead over head only by as much as the seed does.
+# Further samples of the small set (draw 0 is the one above), prefixtune train's seed: which 800 rows a user
+# happens to have moves the lead over head only by as much as the seed does.
 SMALL_DRAWS = (1, 2)
 SEEDS = (1, 2)  # the `seeds` part's runs, beside the main rows' seed (prefixtune train's, 42)
 SMALL_CATEGORIES = ("rotten", "fresh", "plot")  # a review's verdict, or a plot synopsis: the issue's 800-row story
-# The small set's runs besides the seed: the plain defaults, LP-FT's probe-first head, and the demo's recipe.
-SMALL_VARIANTS = ({"head_init": "random", "top_layers": 0}, {"head_init": "probe", "top_layers": 0},
-                  {"head_init": "random", "top_layers": DEMO_TOP_LAYERS})  # fmt: skip
+# The small set's runs besides the seed: the plain defaults (reparam None: unset), then a direct prefix alone,
+# with LP-FT's probe-first head, and in the demo's recipe. The first SMALL_DRAW_VARIANTS run on every draw.
+SMALL_VARIANTS = ({"reparam": None, "head_init": "random", "top_layers": 0},
+                  {"reparam": "none", "head_init": "random", "top_layers": 0},
+                  {"reparam": "none", "head_init": "probe", "top_layers": 0},
+                  {"reparam": "none", "head_init": "random", "top_layers": DEMO_TOP_LAYERS})  # fmt: skip
+SMALL_DRAW_VARIANTS = 2
 MINILM_LAYERS = 6  # all-MiniLM-L6-v2
 ROW_TIMEOUT = 4 * 3600  # a 5-epoch Rotten Tomatoes point takes about an hour on 2 cores
 QUICK = {"max_train_samples": 96, "max_eval_samples": 48, "max_steps": 12}  # a smoke test of the pipeline
@@ -64,6 +69,7 @@ def _train(dataset: str, quick: bool, **options) -> dict:
         start = time.perf_counter()
         result = cli.train(**options, **(QUICK if quick else {}))
         tested = json.loads((Path(out) / "test_metrics.json").read_text())
+        prefix = json.loads((Path(out) / "prefixtune_config.json").read_text())["prefix"]
     return {
         "validation_accuracy": result.best_value,
         "accuracy": tested["accuracy"],
@@ -72,6 +78,7 @@ def _train(dataset: str, quick: bool, **options) -> dict:
         "steps": result.steps,
         "examples_seen": result.steps * result.config.batch_size,
         "learning_rate": result.config.learning_rate,
+        "ran_reparam": prefix["reparam"],  # what an unset --reparam resolved to
         "budget": result.config.max_steps,
         "train_s": result.seconds,
         "wall_s": time.perf_counter() - start,
@@ -106,21 +113,30 @@ def _search(dataset: str, quick: bool, trials: int) -> dict:
     }
 
 
-def _small_files(root: Path, draw: int = 0) -> dict[str, str]:
-    """The small data set as JSONL files: samples (seeded by `draw`) of a three-class Rotten Tomatoes split
-    (movies stay apart), with the whole test split. Three classes because the 800-row CSV a new user brought
-    had three."""
+def small_rows(draw: int) -> dict[str, list[dict]]:
+    """The small data set: samples (seeded by `draw`) of a three-class Rotten Tomatoes split (movies stay
+    apart), the validation rows the sample left out (`held_back`), and the whole test split. Three classes
+    because the 800-row CSV a new user brought had three."""
     from prefixtune.assets import load_rotten_tomatoes
 
     data = load_rotten_tomatoes(categories=SMALL_CATEGORIES)
-    files = {}
-    for split in ("train", "validation", "test"):
+    splits = {"test": list(data["test"])}
+    for split, size in SMALL.items():
         rows = list(data[split])
-        if split in SMALL:
-            random.Random(draw).shuffle(rows)
-            rows = rows[: SMALL[split]]
-        files[split] = str(root / f"{split}.jsonl")
-        Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        random.Random(draw).shuffle(rows)
+        splits[split] = rows[:size]
+        if split == "validation":
+            splits["held_back"] = rows[size:]
+    return splits
+
+
+def small_files(root: Path, draw: int = 0, splits: tuple[str, ...] = ("train", "validation", "test")) -> dict[str, str]:
+    """`splits` of the small set's draw as JSONL files in `root`."""
+    files = {}
+    for split, rows in small_rows(draw).items():
+        if split in splits:
+            files[split] = str(root / f"{split}.jsonl")
+            Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return files
 
 
@@ -134,6 +150,7 @@ def row(argv: list[str]) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--head-init", default="random")
+    p.add_argument("--reparam", choices=("none", "mlp"), help="small: set it (default: unset, sized to the data)")
     p.add_argument("--top-layers", type=int, default=0, help="small: the prefix in MiniLM's top N layers only, the "
                    "layers below cached (--layers, --cache-frozen-layers); 0: every layer")  # fmt: skip
     p.add_argument("--seed", type=int, default=TrainConfig().seed, help="the run's seed (default: prefixtune train's)")
@@ -150,11 +167,11 @@ def row(argv: list[str]) -> None:
     else:
         top = {"layers": top_layers(a.top_layers), "cache_frozen_layers": True} if a.top_layers else {}
         with tempfile.TemporaryDirectory() as root:
-            files = _small_files(Path(root), a.draw)
-            emit({"head_init": a.head_init, "top_layers": a.top_layers, "draw": a.draw, "seed": a.seed,
-                  **_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"], head_init=a.head_init,
-                           validation_file=files["validation"], test_file=files["test"], seed=a.seed,
-                           **top)})  # fmt: skip
+            files = small_files(Path(root), a.draw)
+            emit({"reparam": a.reparam, "head_init": a.head_init, "top_layers": a.top_layers, "draw": a.draw,
+                  "seed": a.seed, **_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"],
+                                           validation_file=files["validation"], test_file=files["test"], seed=a.seed,
+                                           head_init=a.head_init, reparam=a.reparam, **top)})  # fmt: skip
 
 
 def top_layers(n: int) -> list[int]:
@@ -237,11 +254,13 @@ def main(argv: list[str] | None = None) -> None:
         seeds = SMALL_SEEDS[:1] if a.quick else SMALL_SEEDS
         todo = [{**variant, "draw": 0, "seed": seed} for seed in seeds for variant in SMALL_VARIANTS]
         draws = SMALL_DRAWS[:1] if a.quick else SMALL_DRAWS
-        todo += [{**SMALL_VARIANTS[0], "draw": draw, "seed": TrainConfig().seed} for draw in draws]
+        todo += [{**variant, "draw": draw, "seed": TrainConfig().seed}
+                 for draw in draws for variant in SMALL_VARIANTS[:SMALL_DRAW_VARIANTS]]  # fmt: skip
         for run in todo:
             if _small_key(run) in done:
                 continue
             args = ["--head-init", run["head_init"], "--top-layers", str(run["top_layers"]), "--draw", str(run["draw"])]
+            args += ["--reparam", run["reparam"]] if run["reparam"] else []
             runs.append(run_row("benchmarks.defaults", ["--row", "small", *args, "--seed", str(run["seed"]), *flag]))
             _save(results, a.quick)
 
@@ -249,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 def _small_key(run: dict) -> tuple:
     """A small-set run's variant, draw and seed; runs saved before the top-layers variant had every layer, and
     those saved before other draws existed are draw 0."""
-    return run["head_init"], run.get("top_layers", 0), run.get("draw", 0), run["seed"]
+    return run["reparam"], run["head_init"], run.get("top_layers", 0), run.get("draw", 0), run["seed"]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 from benchmarks.common import RESULTS, markdown_table, paired_ratio_interval
 from benchmarks.defaults import DATASETS, SMALL, SMALL_CATEGORIES, grid_points, top_layers
 from benchmarks.speed import TOP_HALF
+from prefixtune.train.defaults import SMALL_CLASSIFICATION_ROWS
 
 
 def _load(name: str, quick: bool) -> dict | None:
@@ -25,15 +26,20 @@ def _image(name: str, suffix: str) -> str:
 
 VALIDATION_ROWS = 1280  # the bundled Rotten Tomatoes validation split, which the demo's settings are checked on
 SMALL_LEAD = 3.0  # points over the head-only baseline that count as a clear win on the small set
-HEAD_INIT_LABELS = {"random": "prefix, plain defaults", "probe": "prefix, `--head-init probe`"}  # by head_init
+PLAIN = "prefix, plain defaults"
+DIRECT = "prefix, `--reparam none`"  # the small set's plain defaults train through the MLP; this is without
 
 
 def _small_label(run: dict) -> str:
-    """A small-set run's variant: its head initialisation, or the demo's top-layers recipe."""
+    """A small-set run's variant, as the flags that differ from the plain defaults."""
+    flags = [f"--reparam {run['reparam']}"] if run["reparam"] else []
+    if run["head_init"] != "random":
+        flags.append(f"--head-init {run['head_init']}")
     top = run.get("top_layers", 0)  # runs saved before that variant existed had the prefix in every layer
-    if not top:
-        return HEAD_INIT_LABELS[run["head_init"]]
-    return f"prefix, top {top} layers (`--layers {','.join(map(str, top_layers(top)))} --cache-frozen-layers`)"
+    if top:
+        flags.append(f"--layers {','.join(map(str, top_layers(top)))} --cache-frozen-layers")
+        return f"prefix, top {top} layers (`{' '.join(flags)}`)"
+    return f"prefix, `{' '.join(flags)}`" if flags else PLAIN
 
 
 def _mark(ok: bool) -> str:
@@ -648,7 +654,7 @@ def _small(runs: list[dict]) -> str:
     the verdict weighs each draw alike (its seeds averaged first): a clear win leads by SMALL_LEAD points
     on average over the draws, and in no run falls behind."""
     rows, summary = [], []
-    for label in dict.fromkeys(map(_small_label, runs)):
+    for label in sorted(dict.fromkeys(map(_small_label, runs)), key=lambda label: label != PLAIN):  # plain first
         mine = sorted((run for run in runs if _small_label(run) == label), key=lambda run: run.get("draw", 0))
         leads = [100 * (run["accuracy"] - run["baselines"]["head_only"]) for run in mine]
         by_draw: dict[int, list[float]] = {}
@@ -664,20 +670,64 @@ def _small(runs: list[dict]) -> str:
         summary.append(
             f"{label}: {mean:+.1f} points on average over {len(draw_means)} draw(s) ({per_draw}), runs "
             f"{min(leads):+.1f} to {max(leads):+.1f}"
-            + (f" (a clear win: {_mark(clear)})" if label == HEAD_INIT_LABELS["random"] else "")
+            + (f" (a clear win: {_mark(clear)})" if label == PLAIN else "")
         )
+    summary.append(_paired(runs, PLAIN, DIRECT))
     return "\n".join([
         f"Small data set: {SMALL['train']} Rotten Tomatoes training rows as three classes "
         f"({', '.join(SMALL_CATEGORIES)}; {SMALL['validation']} validation rows, split by movie), on the whole "
         "test split. Draw 0 is one sample of those rows, run once per seed (the data stays the same; the prefix, "
         "the head and the shuffling move); further draws are other samples of 800 + 200 rows, since which rows "
-        f"a user happens to have moves the lead as much as the seed does. A clear win for the plain defaults: at "
+        f"a user happens to have moves the lead as much as the seed does. On fewer than "
+        f"{SMALL_CLASSIFICATION_ROWS:,} rows a classifier's plain defaults train the prefix through the MLP; "
+        "`--reparam none` trains it directly, as the defaults do on more. A clear win for the plain defaults: at "
         f"least {SMALL_LEAD:g} points over the head-only baseline on average over the draws (the demo's bar), "
         "and ahead in every run. The prefix's lead: " + "; ".join(summary) + ".",
         "",
         markdown_table(["run", "draw", "seed", "validation accuracy", "test accuracy", "steps", "head only",
                         "TF-IDF", "lead over head only"], rows),  # fmt: skip
     ])
+
+
+def _small_choice(r: dict) -> str:
+    """The small set's reparameterisation on held-back validation rows, and whether the MLP earned the default."""
+    from benchmarks.small_choice import RULE_POINTS
+
+    runs = {(run["draw"], run["reparam"]): run for run in r["runs"]}
+    rows = [[draw, reparam, f"{run['learning_rate']:g}", run["steps"], run["validation_accuracy"],
+             run["held_back_accuracy"], run["head_only"], f"{100 * (run['held_back_accuracy'] - run['head_only']):+.1f}"]
+            for (draw, reparam), run in sorted(runs.items())]  # fmt: skip
+    draws = sorted({draw for draw, _ in runs})
+    gains = {d: 100 * (runs[d, "mlp"]["held_back_accuracy"] - runs[d, "none"]["held_back_accuracy"])
+             for d in draws if (d, "mlp") in runs and (d, "none") in runs}  # fmt: skip
+    if not gains:
+        return "No draw has both runs yet, so no choice is drawn.\n\n" + markdown_table(["draw"], [[d] for d in draws])
+    mean = statistics.mean(gains.values())
+    chosen = len(gains) == len(draws) and min(gains.values()) > 0 and mean >= RULE_POINTS
+    held_back = next(iter(runs.values()))["held_back_rows"]
+    return "\n".join([
+        f"Each draw: {SMALL['train']} training rows of the small set, early stopping on {SMALL['validation']} "
+        f"validation rows, then the prefix and the head-only baseline scored on the {held_back:,} validation rows "
+        "held back; the test split is not written out. The rule, fixed before these runs: the MLP becomes the "
+        f"small-data default only if it leads the direct prefix on every draw, by at least {RULE_POINTS:g} points "
+        "on average. The MLP against the direct prefix: "
+        + ", ".join(f"draw {d} {g:+.1f}" for d, g in gains.items())
+        + f"; {mean:+.1f} points on average (the rule: {_mark(chosen)}).",
+        "",
+        markdown_table(["draw", "reparam", "lr", "steps", "validation accuracy (early stopping)",
+                        "held-back accuracy", "head only", "lead over head only"], rows),  # fmt: skip
+    ])
+
+
+def _paired(runs: list[dict], label: str, other: str) -> str:
+    """`label` against `other` on the draws and seeds both ran, on test: the choice between them, measured."""
+    test = {(_small_label(r), r.get("draw", 0), r["seed"]): r["accuracy"] for r in runs}
+    pairs = [(test[key], test[(other, *key[1:])]) for key in test if key[0] == label and (other, *key[1:]) in test]
+    if not pairs:
+        return f"{label} and {other} share no draw and seed"
+    gaps = [100 * (a - b) for a, b in pairs]
+    return (f"{label} against {other} on the same draw and seed: {statistics.mean(gaps):+.1f} points on average, "
+            f"ahead in {sum(g > 0 for g in gaps)} of {len(gaps)} runs")  # fmt: skip
 
 
 def _demo_settings(r: dict) -> str:
@@ -737,6 +787,7 @@ SECTIONS: list[tuple[str, str, Any]] = [
     ("serving", "Many prefixes on one model", _serving),
     ("scaling", "Scaling with prefix and sequence length", _scaling),
     ("defaults", "Defaults, search and baselines", _defaults),
+    ("small_choice", "The small set's reparameterisation, chosen on validation", _small_choice),
     ("demo_settings", "The demo's settings", _demo_settings),
     ("chat", "Chat data: a headline prefix served through the chat endpoint", _chat),
     ("gpu", "On a GPU", _gpu),

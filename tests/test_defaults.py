@@ -38,6 +38,26 @@ def test_learning_rate_defaults_follow_the_method_and_task(method, reparam, task
     assert defaults.learning_rate(method, reparam, task) == rate
 
 
+def test_a_small_classification_set_trains_the_prefix_through_the_mlp_and_nothing_else_does():
+    small = defaults.SMALL_CLASSIFICATION_ROWS - 1
+    assert defaults.reparameterisation("prefix", "classification", small) == "mlp"
+    assert defaults.reparameterisation("prefix", "classification", small + 1) == "none"  # 4,000 rows: direct led
+    assert defaults.reparameterisation("prefix", "causal_lm", small) == "none"  # 640 BBC articles: direct led
+    assert defaults.reparameterisation("prompt", "classification", small) == "none"  # nothing to reparameterise
+
+
+def test_cli_sizes_an_unset_reparam_to_the_data_and_keeps_a_set_one(tmp_path):
+    bert = tiny.save("bert", tmp_path / "bert", task="classification")
+    data = tiny.write_jsonl(tmp_path / "rows.jsonl", tiny.sentiment_rows(24))
+    common = {"model": bert, "train_file": data, "validation_file": data, "max_steps": 2, "num_virtual_tokens": 2,
+              "max_length": 32, "progress": False, "baseline": ["none"]}  # fmt: skip
+    for given, expected in ((None, "mlp"), ("none", "none")):
+        out = tmp_path / f"reparam-{given}"
+        result = cli.train(**common, output_dir=str(out), reparam=given)
+        assert json.loads((out / "prefixtune_config.json").read_text())["prefix"]["reparam"] == expected
+        assert result.config.learning_rate == defaults.learning_rate("prefix", expected, "classification")
+
+
 def test_unset_defaults_are_filled_from_the_data_and_stop_early_on_validation(tmp_path):
     model, tok = classifier()
     config = TrainConfig(output_dir=str(tmp_path / "run"), batch_size=8, max_length=32, progress=False)

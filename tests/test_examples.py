@@ -44,7 +44,7 @@ def test_recipes_are_valid_train_options(name):
     opts = options.resolve_options("train", {"recipe": str(EXAMPLES / "recipes" / name)})
     assert opts["model"] in ("minilm", "smollm2") and opts["dataset"]
     TrainConfig(**{k: opts[k] for k in TrainConfig.fields_help()})  # every value passes validation
-    prepare.prefix_config(opts, opts["seed"])
+    prepare.prefix_config(opts, opts["seed"], "auto", 0)
 
 
 def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path, capsys):

@@ -177,7 +177,7 @@ def test_small_part_runs_each_variant_per_seed_and_each_draw_once_and_keeps_runs
 ):
     from benchmarks import defaults
 
-    old = {"head_init": "random", "seed": defaults.SMALL_SEEDS[0], "accuracy": 0.75}  # saved without top_layers
+    old = {"reparam": "none", "head_init": "random", "seed": defaults.SMALL_SEEDS[0], "accuracy": 0.75}  # no top_layers
     (tmp_path / "defaults.json").write_text(json.dumps({"small": [old]}))
     ran: list[list[str]] = []
 
@@ -185,20 +185,28 @@ def test_small_part_runs_each_variant_per_seed_and_each_draw_once_and_keeps_runs
         ran.append(args)
         flags = ("--head-init", "--top-layers", "--draw", "--seed")
         head_init, top, draw, seed = (args[args.index(flag) + 1] for flag in flags)
-        return {"head_init": head_init, "top_layers": int(top), "draw": int(draw), "seed": int(seed)}
+        reparam = args[args.index("--reparam") + 1] if "--reparam" in args else None  # unset: the defaults
+        return {"reparam": reparam, "head_init": head_init, "top_layers": int(top), "draw": int(draw),
+                "seed": int(seed)}  # fmt: skip
 
     monkeypatch.setattr(defaults, "RESULTS", tmp_path)
     monkeypatch.setattr(defaults, "run_row", fake_row)
     defaults.main(["--parts", "small", "--datasets", "rotten_tomatoes"])
-    runs = len(defaults.SMALL_VARIANTS) * len(defaults.SMALL_SEEDS) + len(defaults.SMALL_DRAWS)
-    assert len(ran) == runs - 1  # the saved run is kept
+    variants, on_draws = defaults.SMALL_VARIANTS, defaults.SMALL_VARIANTS[: defaults.SMALL_DRAW_VARIANTS]
+    runs = len(variants) * len(defaults.SMALL_SEEDS) + len(on_draws) * len(defaults.SMALL_DRAWS)
+    assert len(ran) == runs - 1  # the saved run (the direct prefix, draw 0, first seed) is kept
     saved = json.loads((tmp_path / "defaults.json").read_text())["small"]
     assert saved[0] == old
-    plain, seed = defaults.SMALL_VARIANTS[0], defaults.TrainConfig().seed
-    assert sorted(map(defaults._small_key, saved)) == sorted(
-        [(v["head_init"], v["top_layers"], 0, s) for v in defaults.SMALL_VARIANTS for s in defaults.SMALL_SEEDS]
-        + [(plain["head_init"], plain["top_layers"], draw, seed) for draw in defaults.SMALL_DRAWS])
+    seed = defaults.TrainConfig().seed
+
+    def key(v: dict, draw: int, seed: int) -> tuple:
+        return v["reparam"], v["head_init"], v["top_layers"], draw, seed
+
+    assert sorted(map(defaults._small_key, saved), key=str) == sorted(
+        [key(v, 0, s) for v in variants for s in defaults.SMALL_SEEDS]
+        + [key(v, draw, seed) for v in on_draws for draw in defaults.SMALL_DRAWS], key=str)  # fmt: skip
     assert {a[a.index("--top-layers") + 1] for a in ran} == {"0", "3"}  # every layer, or the demo's top 3
+    assert ["--reparam" in a for a in ran].count(False) == len(defaults.SMALL_SEEDS) + len(defaults.SMALL_DRAWS)
     ran.clear()
     defaults.main(["--parts", "small", "--datasets", "rotten_tomatoes"])
     assert ran == []  # every run saved: nothing runs twice
@@ -220,24 +228,28 @@ def test_a_demo_variant_replaces_the_demos_settings_only_by_a_lead_beyond_noise_
     assert "+2.00 points (the demo's settings hold: **not met**)" in _demo_settings({"variants": [demo, close]})
 
 
-def _small_run(init: str, seed: int, test: float, head: float, top_layers: int = 0, draw: int = 0) -> dict:
-    return {"head_init": init, "top_layers": top_layers, "draw": draw, "seed": seed, "validation_accuracy": 0.8,
-            "accuracy": test, "steps": 500, "baselines": {"head_only": head, "tfidf": 0.6}}  # fmt: skip
+def _small_run(init: str, seed: int, test: float, head: float, top_layers: int = 0, draw: int = 0,
+               reparam: str | None = None) -> dict:  # fmt: skip
+    return {"reparam": reparam, "head_init": init, "top_layers": top_layers, "draw": draw, "seed": seed,
+            "validation_accuracy": 0.8, "accuracy": test, "steps": 500,
+            "baselines": {"head_only": head, "tfidf": 0.6}}  # fmt: skip
 
 
 def test_a_clear_win_on_the_small_set_needs_the_average_lead_over_draws_and_every_run_ahead():
     from benchmarks.report import _small
 
     runs = [_small_run("random", 42, 0.80, 0.75), _small_run("random", 1, 0.78, 0.75)]
-    runs.append(_small_run("probe", 42, 0.7, 0.75))
-    runs.append(_small_run("random", 42, 0.9, 0.75, top_layers=3))
+    runs.append(_small_run("probe", 42, 0.7, 0.75, reparam="none"))
+    runs.append(_small_run("random", 42, 0.9, 0.75, top_layers=3, reparam="none"))
     del runs[1]["top_layers"], runs[1]["draw"]  # saved before those existed: every layer, draw 0
     text = _small(runs)
     assert ("plain defaults: +4.0 points on average over 1 draw(s) (draw 0 +4.0 (2 seed(s))), runs +3.0 to +5.0 "
             "(a clear win: met)") in text  # fmt: skip
-    assert "`--head-init probe`: -5.0 points on average over 1 draw(s)" in text
+    assert "`--reparam none --head-init probe`: -5.0 points on average over 1 draw(s)" in text
     # The top-layers variant is reported apart from the plain defaults, and draws no verdict of its own.
-    assert "top 3 layers (`--layers 3,4,5 --cache-frozen-layers`): +15.0 points on average over 1 draw(s)" in text
+    assert ("top 3 layers (`--reparam none --layers 3,4,5 --cache-frozen-layers`): +15.0 points on average over "
+            "1 draw(s)") in text  # fmt: skip
+    assert "plain defaults and prefix, `--reparam none` share no draw and seed" in text
     runs[0]["accuracy"], runs[1]["accuracy"] = 0.82, 0.745  # +3.25 on average, but one run falls behind
     assert "(a clear win: **not met**)" in _small(runs)
 
@@ -251,6 +263,19 @@ def test_the_small_set_verdict_weighs_each_draw_alike_whatever_its_number_of_see
     assert "+3.0 points on average over 3 draw(s) (draw 0 +1.0 (3 seed(s)), draw 1 +4.0 (1 seed(s))" in text
     assert "(a clear win: met)" in text
     assert "| prefix, plain defaults | 2 | 42 |" in text
+
+
+def test_the_small_set_weighs_the_plain_defaults_against_the_direct_prefix_on_the_same_draws_and_seeds():
+    from benchmarks.report import _small
+
+    plain = [_small_run("random", 42, 0.78, 0.75), _small_run("random", 1, 0.76, 0.75),
+             _small_run("random", 42, 0.80, 0.75, draw=1)]  # fmt: skip
+    direct = [_small_run("random", 42, 0.77, 0.75, reparam="none"), _small_run("random", 1, 0.77, 0.75, reparam="none"),
+              _small_run("random", 7, 0.50, 0.75, reparam="none")]  # seed 7: no plain twin, so not a pair
+    text = _small(plain + direct)
+    assert ("plain defaults against prefix, `--reparam none` on the same draw and seed: +0.0 points on average, "
+            "ahead in 1 of 2 runs") in text  # fmt: skip
+    assert "| prefix, `--reparam none` | 0 | 7 |" in text
 
 
 def test_a_partial_grid_draws_no_verdict():
@@ -342,3 +367,32 @@ def test_demo_settings_scores_each_variant_once_and_resumes(monkeypatch, tmp_pat
     assert ran == demo_settings.VARIANTS[1:]  # the scored variant is not run again
     saved = json.loads((tmp_path / "demo_settings.json").read_text())["variants"]
     assert len(saved) == len(demo_settings.VARIANTS) and saved[0]["validation_accuracy"] == 0.8
+
+
+def test_the_mlp_becomes_the_small_data_default_only_if_it_leads_on_every_draw_by_the_rule_on_average():
+    from benchmarks.report import _small_choice
+
+    def run(draw: int, reparam: str, accuracy: float) -> dict:
+        return {"draw": draw, "reparam": reparam, "learning_rate": 0.03, "steps": 500, "validation_accuracy": 0.8,
+                "held_back_accuracy": accuracy, "head_only": 0.7, "held_back_rows": 1205}  # fmt: skip
+
+    runs = [run(3, "none", 0.77), run(3, "mlp", 0.80), run(4, "none", 0.74), run(4, "mlp", 0.75)]
+    text = _small_choice({"runs": runs})
+    assert "draw 3 +3.0, draw 4 +1.0; +2.0 points on average (the rule: met)" in text
+    assert "| 3 | mlp | 0.03 | 500 |" in text and "1,205 validation rows" in text
+    runs[3]["held_back_accuracy"] = 0.73  # +1.0 on average, and behind on draw 4
+    assert "(the rule: **not met**)" in _small_choice({"runs": runs})
+    assert "(the rule: **not met**)" in _small_choice({"runs": runs[:3]})  # draw 4 has no MLP run: no lead there
+
+
+def test_the_small_choice_reads_held_back_validation_rows_and_never_writes_the_test_split(tmp_path):
+    from benchmarks.defaults import SMALL, small_files, small_rows
+
+    rows = small_rows(3)
+    text = {split: {r["text"] for r in got} for split, got in rows.items()}
+    assert len(rows["train"]) == SMALL["train"] and len(rows["validation"]) == SMALL["validation"]
+    assert not text["validation"] & text["held_back"] and not text["held_back"] & text["test"]
+    assert rows["validation"] != small_rows(0)["validation"]  # another sample of the same split
+    files = small_files(tmp_path, 3, splits=("train", "validation", "held_back"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["held_back.jsonl", "train.jsonl", "validation.jsonl"]
+    assert len(open(files["held_back"]).read().splitlines()) == len(rows["held_back"])

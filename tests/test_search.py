@@ -105,8 +105,8 @@ def test_the_search_never_reads_the_test_split(assets, tmp_path, monkeypatch, no
 
 def test_a_new_study_starts_from_the_train_defaults(assets, tmp_path, no_plots):
     cli.tune(**small(assets, tmp_path / "plain", trials=1))
-    first = load_study(tmp_path / "plain").trials[0].params
-    assert first == {"reparam": "none", "learning_rate": defaults.learning_rate("prefix", "none", "classification"),
+    first = load_study(tmp_path / "plain").trials[0].params  # a small classification set: through the MLP
+    assert first == {"reparam": "mlp", "learning_rate": defaults.learning_rate("prefix", "mlp", "classification"),
                      "steps": 4}  # fmt: skip (num_virtual_tokens is fixed by small(): not drawn)
     cli.tune(**small(assets, tmp_path / "fixed", trials=1, reparam="mlp", num_virtual_tokens=None))
     first = load_study(tmp_path / "fixed").trials[0].params

@@ -18,6 +18,7 @@ from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
 from prefixtune.serving.limits import Settings
 from prefixtune.train import TrainConfig
+from prefixtune.train.defaults import SMALL_CLASSIFICATION_ROWS
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,15 @@ DATA_OPTIONS = [
     Option("max_eval_samples", int, None, "Use only the first N validation/test rows."),
 ]
 PREFIX_OPTIONS = [
-    *_from_dataclass(PrefixConfig, skip=("task", "seed", "text", "head_modules", "position_offset")),
+    *_from_dataclass(PrefixConfig, skip=("task", "seed", "text", "head_modules", "position_offset", "reparam")),
+    Option(
+        "reparam",
+        str,
+        None,
+        _prefix_help("reparam") + f" Default: mlp for a classifier on fewer than {SMALL_CLASSIFICATION_ROWS:,} "
+        "training rows, where it led direct on every small set measured; none otherwise.",
+        ("none", "mlp"),
+    ),
     Option("prefix_text", str, None, _prefix_help("text")),
     Option("head_modules", "strs", None, _prefix_help("head_modules")),
 ]

@@ -10,15 +10,18 @@ from typing import Any
 
 from prefixtune.config import PrefixConfig
 from prefixtune.errors import PrefixTuneError
-from prefixtune.train import TrainConfig
+from prefixtune.train import TrainConfig, defaults
 
 
-def prefix_config(opts: dict, seed: int) -> PrefixConfig:
-    """The PrefixConfig fields among resolved options (`--prefix-text` is its `text`)."""
+def prefix_config(opts: dict, seed: int, task: str, train_rows: int) -> PrefixConfig:
+    """The PrefixConfig fields among resolved options (`--prefix-text` is its `text`); an unset `--reparam`
+    is sized to the data (`defaults.reparameterisation`)."""
     fields = {f.name for f in dataclasses.fields(PrefixConfig)}
     values = {k: opts[k] for k in fields if k in opts and opts[k] is not None}
     if opts.get("prefix_text"):
         values["text"] = opts["prefix_text"]
+    method = values.get("method", PrefixConfig.method)
+    values.setdefault("reparam", defaults.reparameterisation(method, task, train_rows))
     values["seed"] = seed
     values.pop("task", None)
     return PrefixConfig(**values)
@@ -44,7 +47,7 @@ def build_model(opts: dict, train_rows: list[dict], label_names: list[str] | Non
 
     task = data_task(opts, train_rows)
     train_cfg = TrainConfig(**{f.name: opts[f.name] for f in dataclasses.fields(TrainConfig)})
-    prefix_cfg = prefix_config(opts, train_cfg.seed)
+    prefix_cfg = prefix_config(opts, train_cfg.seed, task, len(train_rows))
     num_labels = len(label_names) if label_names else None
     torch.manual_seed(train_cfg.seed)  # a new task head is drawn at load time: the seed must cover it
     base, tokenizer, task = tasks.load_model(opts["model"], task, num_labels, label_names)
