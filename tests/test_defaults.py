@@ -46,7 +46,7 @@ def test_a_small_classification_set_trains_the_prefix_through_the_mlp_and_nothin
     assert defaults.reparameterisation("prompt", "classification", small) == "none"  # nothing to reparameterise
 
 
-def test_cli_sizes_an_unset_reparam_to_the_data_and_keeps_a_set_one(tmp_path):
+def test_cli_sizes_an_unset_reparam_to_the_data_says_so_and_keeps_a_set_one(tmp_path, capsys):
     bert = tiny.save("bert", tmp_path / "bert", task="classification")
     data = tiny.write_jsonl(tmp_path / "rows.jsonl", tiny.sentiment_rows(24))
     common = {"model": bert, "train_file": data, "validation_file": data, "max_steps": 2, "num_virtual_tokens": 2,
@@ -56,6 +56,8 @@ def test_cli_sizes_an_unset_reparam_to_the_data_and_keeps_a_set_one(tmp_path):
         result = cli.train(**common, output_dir=str(out), reparam=given)
         assert json.loads((out / "prefixtune_config.json").read_text())["prefix"]["reparam"] == expected
         assert result.config.learning_rate == defaults.learning_rate("prefix", expected, "classification")
+        said = "note: 24 training rows, fewer than 1,000: the prefix trains through the MLP" in capsys.readouterr().err
+        assert said == (given is None)
 
 
 def test_unset_defaults_are_filled_from_the_data_and_stop_early_on_validation(tmp_path):

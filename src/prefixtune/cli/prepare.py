@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from prefixtune.config import PrefixConfig
@@ -21,7 +22,12 @@ def prefix_config(opts: dict, seed: int, task: str, train_rows: int) -> PrefixCo
     if opts.get("prefix_text"):
         values["text"] = opts["prefix_text"]
     method = values.get("method", PrefixConfig.method)
-    values.setdefault("reparam", defaults.reparameterisation(method, task, train_rows))
+    if "reparam" not in values:
+        values["reparam"] = defaults.reparameterisation(method, task, train_rows)
+        if values["reparam"] == "mlp":
+            print(f"note: {train_rows} training rows, fewer than {defaults.SMALL_CLASSIFICATION_ROWS:,}: the prefix "
+                  "trains through the MLP, which overfits less on few rows (--reparam none learns it directly)",
+                  file=sys.stderr)  # fmt: skip
     values["seed"] = seed
     values.pop("task", None)
     return PrefixConfig(**values)
