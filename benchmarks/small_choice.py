@@ -40,9 +40,10 @@ def score(draw: int, reparam: str, quick: bool = False) -> dict:
                            test_file=files["held_back"], output_dir=str(out), progress=False, baseline=["head"],
                            reparam=reparam, **(QUICK if quick else {}))  # fmt: skip
         scored = json.loads((out / "test_metrics.json").read_text())  # the held-back validation rows
+        held_back = len(Path(files["held_back"]).read_text().splitlines())
     return {"draw": draw, "reparam": reparam, "validation_accuracy": result.best_value,
             "held_back_accuracy": scored["accuracy"], "head_only": scored["baselines"]["head_only"]["accuracy"],
-            "held_back_rows": len(Path(files["held_back"]).read_text().splitlines()), "steps": result.steps,
+            "held_back_rows": held_back, "steps": result.steps,
             "learning_rate": result.config.learning_rate, "train_s": result.seconds}  # fmt: skip
 
 

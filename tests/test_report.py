@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -396,3 +398,28 @@ def test_the_small_choice_reads_held_back_validation_rows_and_never_writes_the_t
     files = small_files(tmp_path, 3, splits=("train", "validation", "held_back"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["held_back.jsonl", "train.jsonl", "validation.jsonl"]
     assert len(open(files["held_back"]).read().splitlines()) == len(rows["held_back"])
+
+
+def test_a_small_choice_run_trains_on_the_draw_and_scores_the_held_back_rows(monkeypatch):
+    from benchmarks import small_choice
+    from prefixtune import cli
+
+    seen = {}
+
+    def fake_train(**options):
+        seen.update(options)
+        held_back = [json.loads(line) for line in open(options["test_file"], encoding="utf-8")]
+        seen["held_back"] = len(held_back)
+        out = Path(options["output_dir"])
+        out.mkdir(parents=True)
+        scored = {"accuracy": 0.8, "baselines": {"head_only": {"accuracy": 0.7}}}
+        (out / "test_metrics.json").write_text(json.dumps(scored))
+        return SimpleNamespace(best_value=0.75, steps=10, seconds=1.0, config=SimpleNamespace(learning_rate=1e-3))
+
+    monkeypatch.setattr(cli, "train", fake_train)
+    got = small_choice.score(3, "mlp")
+    assert seen["reparam"] == "mlp" and seen["baseline"] == ["head"]
+    assert got == {"draw": 3, "reparam": "mlp", "validation_accuracy": 0.75, "held_back_accuracy": 0.8,
+                   "head_only": 0.7, "held_back_rows": seen["held_back"], "steps": 10, "learning_rate": 1e-3,
+                   "train_s": 1.0}  # fmt: skip
+    assert seen["held_back"] > 1000  # the validation rows outside the 200 that stop training early
