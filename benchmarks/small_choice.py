@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def collate(name: str) -> None:
     """results/NAME.json, the report's input, rebuilt from the run files (which concurrent draws share)."""
-    runs = [json.loads(path.read_text()) for path in sorted((RESULTS / name).glob("draw*.json"))]
-    (RESULTS / f"{name}.json").write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    path = RESULTS / f"{name}.json"
+    note = json.loads(path.read_text()).get("note") if path.exists() else None  # written by hand: kept
+    runs = [json.loads(run.read_text()) for run in sorted((RESULTS / name).glob("draw*.json"))]
+    path.write_text(json.dumps({"runs": runs, **({"note": note} if note else {})}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
