@@ -60,7 +60,7 @@ ROW_TIMEOUT = 4 * 3600  # a 5-epoch Rotten Tomatoes point takes about an hour on
 QUICK = {"max_train_samples": 96, "max_eval_samples": 48, "max_steps": 12}  # a smoke test of the pipeline
 
 
-def _train(dataset: str, quick: bool, **options) -> dict:
+def train_run(dataset: str, quick: bool, **options) -> dict:
     """One `prefixtune.cli.train` run: validation best, test metrics, baselines, examples seen."""
     from prefixtune import cli
 
@@ -157,10 +157,10 @@ def row(argv: list[str]) -> None:
     p.add_argument("--draw", type=int, default=0, help="small: which sample of the small set's rows")
     a = p.parse_args(argv)
     if a.row == "defaults":
-        emit({"seed": a.seed, **_train(a.dataset, a.quick, seed=a.seed)})
+        emit({"seed": a.seed, **train_run(a.dataset, a.quick, seed=a.seed)})
     elif a.row == "grid":
         point = {"learning_rate": a.learning_rate, "num_virtual_tokens": a.num_virtual_tokens, "epochs": a.epochs}
-        emit({**point, "seed": a.seed, **_train(a.dataset, a.quick, patience=0, baseline=["none"], seed=a.seed,
+        emit({**point, "seed": a.seed, **train_run(a.dataset, a.quick, patience=0, baseline=["none"], seed=a.seed,
                                                 **point)})  # fmt: skip
     elif a.row == "search":
         emit(_search(a.dataset, a.quick, a.trials))
@@ -169,7 +169,7 @@ def row(argv: list[str]) -> None:
         with tempfile.TemporaryDirectory() as root:
             files = small_files(Path(root), a.draw)
             emit({"reparam": a.reparam, "head_init": a.head_init, "top_layers": a.top_layers, "draw": a.draw,
-                  "seed": a.seed, **_train(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"],
+                  "seed": a.seed, **train_run(None, a.quick, baseline=["head", "tfidf"], train_file=files["train"],
                                            validation_file=files["validation"], test_file=files["test"], seed=a.seed,
                                            head_init=a.head_init, reparam=a.reparam, **top)})  # fmt: skip
 

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import RESULTS, emit, run_row
-from benchmarks.defaults import QUICK, small_files
+from benchmarks.defaults import small_files, train_run
 
 DRAWS = (3, 4)  # fresh samples: the `small` part scores draws 0-2 on test
 REPARAMS = ("none", "mlp")
@@ -31,20 +31,15 @@ RULE_POINTS = 1.5
 
 def score(draw: int, reparam: str, quick: bool = False) -> dict:
     """One `prefixtune train` run on the draw, scored with its head-only baseline on the held-back rows."""
-    from prefixtune import cli
-
     with tempfile.TemporaryDirectory() as root:
         files = small_files(Path(root), draw, splits=("train", "validation", "held_back"))
-        out = Path(root) / "run"
-        result = cli.train(model="minilm", train_file=files["train"], validation_file=files["validation"],
-                           test_file=files["held_back"], output_dir=str(out), progress=False, baseline=["head"],
-                           reparam=reparam, **(QUICK if quick else {}))  # fmt: skip
-        scored = json.loads((out / "test_metrics.json").read_text())  # the held-back validation rows
+        got = train_run(None, quick, baseline=["head"], train_file=files["train"], validation_file=files["validation"],
+                        test_file=files["held_back"], reparam=reparam)  # fmt: skip
         held_back = len(Path(files["held_back"]).read_text().splitlines())
-    return {"draw": draw, "reparam": reparam, "validation_accuracy": result.best_value,
-            "held_back_accuracy": scored["accuracy"], "head_only": scored["baselines"]["head_only"]["accuracy"],
-            "held_back_rows": held_back, "steps": result.steps,
-            "learning_rate": result.config.learning_rate, "train_s": result.seconds}  # fmt: skip
+    return {"draw": draw, "reparam": reparam, "validation_accuracy": got["validation_accuracy"],
+            "held_back_accuracy": got["accuracy"], "head_only": got["baselines"]["head_only"],
+            "held_back_rows": held_back, "steps": got["steps"], "learning_rate": got["learning_rate"],
+            "train_s": got["train_s"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

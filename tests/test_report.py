@@ -411,10 +411,12 @@ def test_a_small_choice_run_trains_on_the_draw_and_scores_the_held_back_rows(mon
         held_back = [json.loads(line) for line in open(options["test_file"], encoding="utf-8")]
         seen["held_back"] = len(held_back)
         out = Path(options["output_dir"])
-        out.mkdir(parents=True)
-        scored = {"accuracy": 0.8, "baselines": {"head_only": {"accuracy": 0.7}}}
+        out.mkdir(parents=True, exist_ok=True)
+        scored = {"accuracy": 0.8, "macro_f1": 0.8, "baselines": {"head_only": {"accuracy": 0.7}}}
         (out / "test_metrics.json").write_text(json.dumps(scored))
-        return SimpleNamespace(best_value=0.75, steps=10, seconds=1.0, config=SimpleNamespace(learning_rate=1e-3))
+        (out / "prefixtune_config.json").write_text(json.dumps({"prefix": {"reparam": options["reparam"]}}))
+        config = SimpleNamespace(learning_rate=1e-3, batch_size=16, max_steps=10)
+        return SimpleNamespace(best_value=0.75, steps=10, seconds=1.0, config=config)
 
     monkeypatch.setattr(cli, "train", fake_train)
     got = small_choice.score(3, "mlp")

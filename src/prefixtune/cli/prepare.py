@@ -21,9 +21,8 @@ def prefix_config(opts: dict, seed: int, task: str, train_rows: int) -> PrefixCo
     values = {k: opts[k] for k in fields if k in opts and opts[k] is not None}
     if opts.get("prefix_text"):
         values["text"] = opts["prefix_text"]
-    method = values.get("method", PrefixConfig.method)
     if "reparam" not in values:
-        values["reparam"] = defaults.reparameterisation(method, task, train_rows)
+        values["reparam"] = defaults.reparameterisation(values.get("method", PrefixConfig.method), task, train_rows)
         if values["reparam"] == "mlp":
             print(f"note: {train_rows} training rows, fewer than {defaults.SMALL_CLASSIFICATION_ROWS:,}: the prefix "
                   "trains through the MLP, which overfits less on few rows (--reparam none learns it directly)",
