@@ -82,6 +82,28 @@ def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path
     assert serialization.read_config(tmp_path / "demo")["task"] == "classification"
 
 
+def test_demo_precision_can_be_forced_either_way_and_a_wrong_one_is_refused(tmp_path, capsys):
+    """`precision` gives a float32 machine's figures on a bf16 one (and back): the path auto did not take runs."""
+    import torch
+
+    from prefixtune.cli.demo import _fast_bf16, run_demo
+    from prefixtune.errors import PrefixTuneError
+
+    other = "float32" if _fast_bf16() else "bf16"
+    threads = torch.get_num_threads()
+    try:
+        result = run_demo(output_dir=str(tmp_path / "demo"), train_samples=32, test_samples=32, threads=1,
+                          epochs=1, precision=other)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert result["bf16"] is (other == "bf16")
+    assert f"bf16 autocast: {'on' if other == 'bf16' else 'off'}" in capsys.readouterr().out
+    assert result["steps"] == 1 and 0.0 < result["prefix_accuracy"] <= 1.0
+    with pytest.raises(PrefixTuneError, match="precision must be one of auto, bf16, float32, got 'fp16'"):
+        run_demo(output_dir=str(tmp_path / "bad"), precision="fp16")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_demo_scores_on_validation_for_choosing_its_settings_and_on_test_otherwise():
     from prefixtune.assets import load_builtin_dataset
     from prefixtune.cli.demo import _snippets

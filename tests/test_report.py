@@ -230,6 +230,51 @@ def test_a_demo_variant_replaces_the_demos_settings_only_by_a_lead_beyond_noise_
     assert "+2.00 points (the demo's settings hold: **not met**)" in _demo_settings({"variants": [demo, close]})
 
 
+def _float32_row(variant: dict, accuracy: float, wall: float = 90.0, seed: int = 42) -> dict:
+    from benchmarks.demo_settings import settings
+
+    return {**settings({**variant, "seed": seed}), "bf16": False, "validation_accuracy": accuracy,
+            "head_only_validation_accuracy": 0.76, "steps": 376, "demo_wall_s": wall}  # fmt: skip
+
+
+def test_the_float32_screen_confirms_the_two_best_in_time_and_replaces_the_settings_only_by_the_rule():
+    from benchmarks.demo_settings import FLOAT32_SCREEN, float32_confirm, float32_verdict, in_time, settings
+    from benchmarks.report import _demo_settings
+
+    demo = FLOAT32_SCREEN[0]
+    fast_good, slow_lr = {**demo, "learning_rate": 0.08}, {**demo, "learning_rate": 0.03}
+    fine, slow_best = {**demo, "batch_size": 16}, {**demo, "train_samples": 4000, "epochs": 3}
+    rest = [v for v in FLOAT32_SCREEN if v not in (demo, fast_good, slow_lr, fine, slow_best)]
+    rows = [_float32_row(demo, 0.80), _float32_row(fast_good, 0.815, 99.0), _float32_row(slow_best, 0.83, 93.0),
+            _float32_row(fine, 0.81, 80.0), _float32_row(slow_lr, 0.79, 120.0)] + [_float32_row(v, 0.79) for v in rest]
+    assert len(rows) == len(FLOAT32_SCREEN)
+    assert float32_verdict(rows) is None  # nothing to decide before the confirmation runs
+    # 93 s is more than 1.03 x 90 s: more work, out whatever it scored; a new learning rate is the demo's work
+    assert not in_time(rows[2], rows[0]) and in_time(rows[1], rows[0]) and in_time(rows[4], rows[0])
+    confirm = float32_confirm(rows)
+    expected = [settings({**v, "seed": s}) for v in (demo, fast_good, fine) for s in (1, 2)]
+    assert [settings(v) for v in confirm] == expected
+    assert float32_confirm(rows[:-1]) == []  # the screen is not complete yet
+
+    def confirmed(leads: tuple[float, float], fine_leads: tuple[float, float] = (0.0, 0.0)) -> list[dict]:
+        return [*rows, _float32_row(demo, 0.80, seed=1), _float32_row(demo, 0.81, seed=2),
+                _float32_row(fast_good, 0.80 + leads[0], seed=1), _float32_row(fast_good, 0.81 + leads[1], seed=2),
+                _float32_row(fine, 0.80 + fine_leads[0], seed=1),
+                _float32_row(fine, 0.81 + fine_leads[1], seed=2)]  # fmt: skip
+
+    verdict = float32_verdict(confirmed((0.01, 0.01)))  # mean lead (1.5 + 1 + 1) / 3 = 1.17 > 0.64, every seed
+    assert verdict["winner"]["settings"] == {k: v for k, v in settings(fast_good).items() if k != "seed"}
+    assert round(verdict["se"], 2) == 0.64  # sqrt(0.8033 * 0.1967 / 1280 / 3)
+    # Ahead by 1.47 on average but behind on seed 2: it fails the rule, and so does a lead within noise.
+    assert float32_verdict(confirmed((0.03, -0.001)))["winner"] is None
+    assert float32_verdict(confirmed((0.001, 0.001)))["winner"] is None  # (1.5 + 0.1 + 0.1) / 3 = 0.57
+    assert float32_verdict(confirmed((0.01, 0.01), (0.03, 0.03)))["winner"]["settings"]["batch_size"] == 16
+    text = _demo_settings({"variants": confirmed((0.001, 0.001))})
+    assert "no variant passes: the demo's settings stay" in text and "One standard error of a 3-seed mean: 0.64" in text
+    assert text.index("lr 0.08") < text.index("**the demo's settings**")  # the screen, best first
+    assert "| no |" in text  # the slow one is marked out of time
+
+
 def _small_run(init: str, seed: int, test: float, head: float, top_layers: int = 0, draw: int = 0,
                reparam: str | None = None) -> dict:  # fmt: skip
     return {"reparam": reparam, "head_init": init, "top_layers": top_layers, "draw": draw, "seed": seed,

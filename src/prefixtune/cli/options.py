@@ -192,6 +192,8 @@ DEMO_OPTIONS = [
     Option("top_layers", int, demo.TOP_LAYERS, "How many of MiniLM's 6 layers, from the top, get the prefix."),
     Option("seed", int, 42, "Seed of the run."),
     Option("threads", int, None, "CPU threads for torch (default: torch's own, one per core); fixed for the run."),
+    Option("precision", str, "auto", "auto: bf16 autocast where the CPU has native bf16, else float32; or force "
+           "bf16 or float32 (a float32 machine's figures on any machine).", demo.PRECISIONS),
 ]
 CONVERT_OPTIONS = [
     Option("model", str, None, "Base model the prefix belongs to ('smollm2', a folder or a hub name)."),
