@@ -26,6 +26,7 @@ import argparse
 import json
 import statistics
 import tempfile
+from pathlib import Path
 
 from benchmarks.common import RESULTS, emit, run_row
 
@@ -140,8 +141,8 @@ def float32_verdict(rows: list[dict]) -> dict | None:
     return {"demo": demo, "candidates": others, "se": se, "winner": passed[0] if passed else None}
 
 
-def _run_all(path_rows: tuple, variants: list[dict]) -> None:
-    path, results = path_rows
+def _run_all(path: Path, results: dict, variants: list[dict]) -> None:
+    """Score each variant not yet in `results`, saving after each: a long run resumes where it stopped."""
     done = results.setdefault("variants", [])  # resumable: a variant already scored is kept
     for variant in variants:
         if _find(done, variant) is not None:
@@ -162,11 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     path = RESULTS / "demo_settings-quick.json" if a.quick else PATH
     results = json.loads(path.read_text()) if path.exists() else {}
     if a.quick:
-        return _run_all((path, results), [{"train_samples": 64, "epochs": 1}])
+        return _run_all(path, results, [{"train_samples": 64, "epochs": 1}])
     if not a.float32:
-        return _run_all((path, results), VARIANTS)
-    _run_all((path, results), FLOAT32_SCREEN)
-    _run_all((path, results), float32_confirm(results["variants"]))
+        return _run_all(path, results, VARIANTS)
+    _run_all(path, results, FLOAT32_SCREEN)
+    _run_all(path, results, float32_confirm(results["variants"]))
     verdict = float32_verdict(results["variants"])
     winner = verdict["winner"] if verdict else None
     print(f"float32 verdict: {'replace the settings with ' + json.dumps(winner['settings']) if winner else 'keep'}")

@@ -416,6 +416,31 @@ def test_demo_settings_scores_each_variant_once_and_resumes(monkeypatch, tmp_pat
     assert len(saved) == len(demo_settings.VARIANTS) and saved[0]["validation_accuracy"] == 0.8
 
 
+def test_demo_settings_float32_runs_the_screen_then_its_confirmation_and_resumes(monkeypatch, tmp_path, capsys):
+    from benchmarks import demo_settings
+
+    ran: list[dict] = []
+
+    def fake_row(module, args, timeout=None):
+        variant = demo_settings.settings(json.loads(args[args.index("--row") + 1]))
+        ran.append(variant)
+        accuracy = 0.80 + variant["learning_rate"] / 10 + variant["seed"] / 1000  # lr 0.08 is best everywhere
+        return {**variant, "bf16": False, "validation_accuracy": accuracy, "head_only_validation_accuracy": 0.76,
+                "steps": 376, "demo_wall_s": 90.0, "wall_s": 95.0}  # fmt: skip
+
+    monkeypatch.setattr(demo_settings, "PATH", tmp_path / "demo_settings.json")
+    monkeypatch.setattr(demo_settings, "run_row", fake_row)
+    demo_settings.main(["--float32"])
+    screen = [demo_settings.settings(v) for v in demo_settings.FLOAT32_SCREEN]
+    assert ran[: len(screen)] == screen and len(ran) == len(screen) + 6  # then 3 settings x 2 more seeds
+    assert {v["learning_rate"] for v in ran[len(screen):]} == {0.05, 0.08}
+    assert {v["seed"] for v in ran[len(screen):]} == set(demo_settings.CONFIRM_SEEDS)
+    assert "float32 verdict: keep" in capsys.readouterr().out  # lr 0.08 leads by 0.3 points: within noise
+    ran.clear()
+    demo_settings.main(["--float32"])
+    assert ran == []  # everything saved: nothing runs twice
+
+
 def test_the_mlp_becomes_the_small_data_default_only_if_it_leads_on_every_draw_by_the_rule_on_average():
     from benchmarks.report import _small_choice
 
