@@ -57,6 +57,11 @@ FLOAT32_SCREEN = [
     {**FLOAT32, "train_samples": 4000, "epochs": 3},
     {**FLOAT32, "train_samples": 6000, "epochs": 2, "learning_rate": 0.08},
 ]
+# A second round, after the first found nothing: variants run on all three seeds at once.
+FLOAT32_ROUND2 = [
+    {**FLOAT32, "text": "Is this movie review positive or negative?"},  # Li & Liang: task words as the init
+    {**FLOAT32, "head_init": "probe"},  # LP-FT: the head trained alone first
+]
 CONFIRM_SEEDS = (1, 2)
 TIME_BOUND = 1.03  # x the demo's own float32 wall: its work is near 3 minutes on the slowest float32 CPU seen
 VALIDATION_ROWS = 1280
@@ -68,8 +73,8 @@ def settings(variant: dict) -> dict:
     from prefixtune.cli.demo import BATCH_SIZE, EPOCHS, LEARNING_RATE, TOP_LAYERS, TRAIN_SNIPPETS
 
     return {"train_samples": TRAIN_SNIPPETS, "epochs": EPOCHS, "learning_rate": LEARNING_RATE, "top_layers": TOP_LAYERS,
-            "batch_size": BATCH_SIZE, "num_virtual_tokens": 16, "seed": 42, "precision": "auto",
-            **variant}  # fmt: skip
+            "batch_size": BATCH_SIZE, "num_virtual_tokens": 16, "seed": 42, "precision": "auto", "text": None,
+            "head_init": "random", **variant}  # fmt: skip
 
 
 def score(variant: dict) -> dict:
@@ -84,7 +89,8 @@ def score(variant: dict) -> dict:
             "demo_wall_s": result["wall_seconds"]}  # fmt: skip
 
 
-def _find(rows: list[dict], variant: dict) -> dict | None:
+def find(rows: list[dict], variant: dict) -> dict | None:
+    """The saved row that ran `variant`, if any."""
     want = settings(variant)
     return next((row for row in rows if want.items() <= row.items()), None)
 
@@ -95,17 +101,18 @@ def _without_seed(row: dict) -> dict:
 
 
 def in_time(row: dict, demo: dict) -> bool:
-    """Whether a variant takes no longer than the demo. One that changes only the learning rate does the
-    demo's work exactly (the same ops on the same shapes); others must run within `TIME_BOUND` x its wall.
-    Walls alone would not do: identical work varied by up to 9% between runs on an idle machine."""
-    same_work = all(row[k] == demo[k] for k in settings({}) if k not in ("learning_rate", "seed"))
+    """Whether a variant takes no longer than the demo. One that changes only the learning rate or the text
+    the prefix starts from does the demo's work exactly (the same ops on the same shapes); others must run
+    within `TIME_BOUND` x its wall. Walls alone would not do: identical work varied by up to 9% between runs
+    on an idle machine."""
+    same_work = all(row[k] == demo[k] for k in settings({}) if k not in ("learning_rate", "text", "seed"))
     return same_work or row["demo_wall_s"] <= TIME_BOUND * demo["demo_wall_s"]
 
 
 def float32_confirm(rows: list[dict]) -> list[dict]:
     """The confirmation runs the screen calls for: the demo and the two best screened variants that take
     no longer than it, on each of `CONFIRM_SEEDS` (empty until the screen is complete)."""
-    screened = [_find(rows, v) for v in FLOAT32_SCREEN]
+    screened = [find(rows, v) for v in FLOAT32_SCREEN]
     if any(row is None for row in screened):
         return []
     demo, others = screened[0], screened[1:]
@@ -118,17 +125,23 @@ def float32_verdict(rows: list[dict]) -> dict | None:
     """The rule, fixed before the float32 runs: a variant replaces the demo's settings only if its mean
     validation accuracy over the demo's seed and `CONFIRM_SEEDS` leads the demo's by more than one standard
     error of a 3-run mean (1.1 / sqrt 3 = 0.64 points on 1,280 rows), and it leads on every seed; the higher
-    mean wins if two do. None until the confirmation runs are all in."""
+    mean wins if two do; one with more work than the demo's must also be `in_time` on its mean wall. The
+    second round (`FLOAT32_ROUND2`) joins once all its runs are in. None until the confirmation runs are."""
     confirm = float32_confirm(rows)
-    if not confirm or any(_find(rows, v) is None for v in confirm):
+    if not confirm or any(find(rows, v) is None for v in confirm):
         return None
     seeds = (42, *CONFIRM_SEEDS)
+    round2 = [{**v, "seed": s} for v in FLOAT32_ROUND2 for s in seeds]
+    if any(find(rows, v) is None for v in round2):
+        round2 = []  # decided on the first round alone until the second is complete
     candidates = []
-    for base in {json.dumps(_without_seed(v), sort_keys=True): v for v in confirm}.values():
-        runs = [_find(rows, {**_without_seed(base), "seed": s}) for s in seeds]
-        candidates.append({"settings": _without_seed(base), "runs": runs,
+    bases = [_without_seed(settings(v)) for v in confirm + round2]
+    for base in {json.dumps(b, sort_keys=True): b for b in bases}.values():
+        runs = [find(rows, {**base, "seed": s}) for s in seeds]
+        candidates.append({"settings": base, "runs": runs,
                            "mean": statistics.mean(r["validation_accuracy"] for r in runs)})  # fmt: skip
     demo, others = candidates[0], candidates[1:]
+    reference = statistics.median(r["demo_wall_s"] for r in demo["runs"])  # robust to one disturbed run
     acc = demo["mean"]
     se = 100 * (acc * (1 - acc) / VALIDATION_ROWS / len(seeds)) ** 0.5
     for c in others:
@@ -136,7 +149,9 @@ def float32_verdict(rows: list[dict]) -> dict | None:
         c["leads_every_seed"] = all(
             r["validation_accuracy"] > d["validation_accuracy"] for r, d in zip(c["runs"], demo["runs"], strict=True)
         )
-        c["passes"] = c["lead"] > se and c["leads_every_seed"]
+        c["in_time"] = in_time({**c["runs"][0], "demo_wall_s": statistics.mean(r["demo_wall_s"] for r in c["runs"])},
+                               {**demo["runs"][0], "demo_wall_s": reference})  # fmt: skip
+        c["passes"] = c["lead"] > se and c["leads_every_seed"] and c["in_time"]
     passed = sorted((c for c in others if c["passes"]), key=lambda c: -c["mean"])
     return {"demo": demo, "candidates": others, "se": se, "winner": passed[0] if passed else None}
 
@@ -145,7 +160,7 @@ def _run_all(path: Path, results: dict, variants: list[dict]) -> None:
     """Score each variant not yet in `results`, saving after each: a long run resumes where it stopped."""
     done = results.setdefault("variants", [])  # resumable: a variant already scored is kept
     for variant in variants:
-        if _find(done, variant) is not None:
+        if find(done, variant) is not None:
             continue
         done.append(run_row("benchmarks.demo_settings", ["--row", json.dumps(variant)]))
         print(f"  {variant}: validation {done[-1]['validation_accuracy']:.4f} ({done[-1]['wall_s']:.0f} s)", flush=True)
@@ -168,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         return _run_all(path, results, VARIANTS)
     _run_all(path, results, FLOAT32_SCREEN)
     _run_all(path, results, float32_confirm(results["variants"]))
+    _run_all(path, results, [{**v, "seed": s} for v in FLOAT32_ROUND2 for s in (42, *CONFIRM_SEEDS)])
     verdict = float32_verdict(results["variants"])
     winner = verdict["winner"] if verdict else None
     print(f"float32 verdict: {'replace the settings with ' + json.dumps(winner['settings']) if winner else 'keep'}")

@@ -93,12 +93,13 @@ def test_demo_precision_can_be_forced_either_way_and_a_wrong_one_is_refused(tmp_
     threads = torch.get_num_threads()
     try:
         result = run_demo(output_dir=str(tmp_path / "demo"), train_samples=32, test_samples=32, threads=1,
-                          epochs=1, precision=other)  # fmt: skip
+                          epochs=1, precision=other, text="Is this review positive?", head_init="probe")  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert result["bf16"] is (other == "bf16")
     assert f"bf16 autocast: {'on' if other == 'bf16' else 'off'}" in capsys.readouterr().out
     assert result["steps"] == 1 and 0.0 < result["prefix_accuracy"] <= 1.0
+    assert serialization.read_config(tmp_path / "demo")["prefix"]["text"] == "Is this review positive?"
     with pytest.raises(PrefixTuneError, match="precision must be one of auto, bf16, float32, got 'fp16'"):
         run_demo(output_dir=str(tmp_path / "bad"), precision="fp16")
     assert not (tmp_path / "bad").exists()
