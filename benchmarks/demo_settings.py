@@ -121,6 +121,11 @@ def float32_confirm(rows: list[dict]) -> list[dict]:
     return [{**_without_seed(r), "seed": s} for r in [demo, *best] for s in CONFIRM_SEEDS]
 
 
+def float32_round2() -> list[dict]:
+    """The second round's runs: each of its variants on the demo's seed and `CONFIRM_SEEDS`."""
+    return [{**v, "seed": s} for v in FLOAT32_ROUND2 for s in (42, *CONFIRM_SEEDS)]
+
+
 def float32_verdict(rows: list[dict]) -> dict | None:
     """The rule, fixed before the float32 runs: a variant replaces the demo's settings only if its mean
     validation accuracy over the demo's seed and `CONFIRM_SEEDS` leads the demo's by more than one standard
@@ -131,7 +136,7 @@ def float32_verdict(rows: list[dict]) -> dict | None:
     if not confirm or any(find(rows, v) is None for v in confirm):
         return None
     seeds = (42, *CONFIRM_SEEDS)
-    round2 = [{**v, "seed": s} for v in FLOAT32_ROUND2 for s in seeds]
+    round2 = float32_round2()
     if any(find(rows, v) is None for v in round2):
         round2 = []  # decided on the first round alone until the second is complete
     candidates = []
@@ -170,7 +175,7 @@ def _run_all(path: Path, results: dict, variants: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--row", help="one variant as JSON: run it here and print its result")
-    p.add_argument("--float32", action="store_true", help="the float32 screen and its confirmation runs")
+    p.add_argument("--float32", action="store_true", help="the float32 screen, its confirmation runs and round 2")
     p.add_argument("--quick", action="store_true", help="one tiny variant, to results/demo_settings-quick.json")
     a = p.parse_args(argv)
     if a.row:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         return _run_all(path, results, VARIANTS)
     _run_all(path, results, FLOAT32_SCREEN)
     _run_all(path, results, float32_confirm(results["variants"]))
-    _run_all(path, results, [{**v, "seed": s} for v in FLOAT32_ROUND2 for s in (42, *CONFIRM_SEEDS)])
+    _run_all(path, results, float32_round2())
     verdict = float32_verdict(results["variants"])
     winner = verdict["winner"] if verdict else None
     print(f"float32 verdict: {'replace the settings with ' + json.dumps(winner['settings']) if winner else 'keep'}")
