@@ -62,7 +62,7 @@ FLOAT32_ROUND2 = [
     {**FLOAT32, "text": "Is this movie review positive or negative?"},  # Li & Liang: task words as the init
     {**FLOAT32, "head_init": "probe"},  # LP-FT: the head trained alone first
 ]
-CONFIRM_SEEDS = (1, 2)
+CONFIRM_SEEDS = (1, 2)  # beside the demo's own seed
 TIME_BOUND = 1.03  # x the demo's own float32 wall: its work is near 3 minutes on the slowest float32 CPU seen
 VALIDATION_ROWS = 1280
 PATH = RESULTS / "demo_settings.json"
@@ -70,11 +70,11 @@ PATH = RESULTS / "demo_settings.json"
 
 def settings(variant: dict) -> dict:
     """The variant's full settings: the demo's constants, overridden by the variant."""
-    from prefixtune.cli.demo import BATCH_SIZE, EPOCHS, LEARNING_RATE, TOP_LAYERS, TRAIN_SNIPPETS
+    from prefixtune.cli.demo import BATCH_SIZE, EPOCHS, LEARNING_RATE, SEED, TOP_LAYERS, TRAIN_SNIPPETS, VIRTUAL_TOKENS
 
     return {"train_samples": TRAIN_SNIPPETS, "epochs": EPOCHS, "learning_rate": LEARNING_RATE, "top_layers": TOP_LAYERS,
-            "batch_size": BATCH_SIZE, "num_virtual_tokens": 16, "seed": 42, "precision": "auto", "text": None,
-            "head_init": "random", **variant}  # fmt: skip
+            "batch_size": BATCH_SIZE, "num_virtual_tokens": VIRTUAL_TOKENS, "seed": SEED, "precision": "auto",
+            "text": None, "head_init": "random", **variant}  # fmt: skip
 
 
 def score(variant: dict) -> dict:
@@ -121,9 +121,16 @@ def float32_confirm(rows: list[dict]) -> list[dict]:
     return [{**_without_seed(r), "seed": s} for r in [demo, *best] for s in CONFIRM_SEEDS]
 
 
+def all_seeds() -> tuple[int, ...]:
+    """The demo's own seed, then `CONFIRM_SEEDS`: the seeds a 3-run mean is taken over."""
+    from prefixtune.cli.demo import SEED
+
+    return (SEED, *CONFIRM_SEEDS)
+
+
 def float32_round2() -> list[dict]:
     """The second round's runs: each of its variants on the demo's seed and `CONFIRM_SEEDS`."""
-    return [{**v, "seed": s} for v in FLOAT32_ROUND2 for s in (42, *CONFIRM_SEEDS)]
+    return [{**v, "seed": s} for v in FLOAT32_ROUND2 for s in all_seeds()]
 
 
 def float32_verdict(rows: list[dict]) -> dict | None:
@@ -135,7 +142,7 @@ def float32_verdict(rows: list[dict]) -> dict | None:
     confirm = float32_confirm(rows)
     if not confirm or any(find(rows, v) is None for v in confirm):
         return None
-    seeds = (42, *CONFIRM_SEEDS)
+    seeds = all_seeds()
     round2 = float32_round2()
     if any(find(rows, v) is None for v in round2):
         round2 = []  # decided on the first round alone until the second is complete

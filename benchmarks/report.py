@@ -793,7 +793,15 @@ def _demo_variant(v: dict) -> str:
 
 
 def _demo_float32(rows: list[dict]) -> str:
-    from benchmarks.demo_settings import CONFIRM_SEEDS, FLOAT32_SCREEN, TIME_BOUND, find, float32_verdict, in_time
+    from benchmarks.demo_settings import (
+        CONFIRM_SEEDS,
+        FLOAT32_SCREEN,
+        TIME_BOUND,
+        all_seeds,
+        find,
+        float32_verdict,
+        in_time,
+    )
 
     screened = [row for v in FLOAT32_SCREEN if (row := find(rows, v)) is not None]
     screen = sorted(screened, key=lambda v: -v["validation_accuracy"])
@@ -832,7 +840,7 @@ def _demo_float32(rows: list[dict]) -> str:
                else "no variant passes: the demo's settings stay")  # fmt: skip
     return "\n".join([
         *parts, "",
-        markdown_table(["variant", *(f"seed {s}" for s in (42, *CONFIRM_SEEDS)), "mean", "lead (points)",
+        markdown_table(["variant", *(f"seed {s}" for s in all_seeds()), "mean", "lead (points)",
                         "ahead on every seed", "in time", "mean wall (s)"], confirm),  # fmt: skip
         "",
         f"One standard error of a 3-seed mean: {verdict['se']:.2f} points. Verdict: {outcome}.",

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import RESULTS, emit, run_row
-from benchmarks.defaults import small_files, train_run
+from benchmarks.defaults import ROW_TIMEOUT, small_files, train_run
 
 DRAWS = (3, 4)  # fresh samples: the `small` part scores draws 0-2 on test
 REPARAMS = ("none", "mlp")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             if path.exists():
                 continue
             run = json.dumps({"draw": draw, "reparam": reparam})
-            got = run_row("benchmarks.small_choice", ["--row", run, *(["--quick"] if a.quick else [])], 4 * 3600)
+            got = run_row("benchmarks.small_choice", ["--row", run, *(["--quick"] if a.quick else [])], ROW_TIMEOUT)
             path.write_text(json.dumps(got, indent=2) + "\n")
             print(f"  {run}: held back {got['held_back_accuracy']:.4f}, head only {got['head_only']:.4f}", flush=True)
             collate(name)

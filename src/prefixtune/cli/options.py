@@ -187,10 +187,10 @@ DEMO_OPTIONS = [
         "Training snippets (a seeded sample of the 10,164): fixed work, same figures.",
     ),
     Option("epochs", int, demo.EPOCHS, "Passes over the training snippets."),
-    Option("num_virtual_tokens", int, 16, _prefix_help("num_virtual_tokens")),
+    Option("num_virtual_tokens", int, demo.VIRTUAL_TOKENS, _prefix_help("num_virtual_tokens")),
     Option("learning_rate", float, demo.LEARNING_RATE, "Peak learning rate of the prefix (and of the head)."),
     Option("top_layers", int, demo.TOP_LAYERS, "How many of MiniLM's 6 layers, from the top, get the prefix."),
-    Option("seed", int, 42, "Seed of the run."),
+    Option("seed", int, demo.SEED, "Seed of the run."),
     Option("threads", int, None, "CPU threads for torch (default: torch's own, one per core); fixed for the run."),
     Option("precision", str, "auto", "auto: bf16 autocast where the CPU has native bf16, else float32; or force "
            "bf16 or float32 (a float32 machine's figures on any machine).", demo.PRECISIONS),
