@@ -19,7 +19,17 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.common import RESULTS, machine
 
-GROUPS = ("speed", "classification", "generation", "serving", "scaling", "small_choice", "defaults", "demo_settings")
+GROUPS = (
+    "speed",
+    "classification",
+    "generation",
+    "serving",
+    "scaling",
+    "small_choice",
+    "defaults",
+    "demo_settings",
+    "demo_seeds",
+)
 
 
 def run_group(name: str, quick: bool) -> None:

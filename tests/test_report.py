@@ -467,6 +467,46 @@ def test_demo_settings_float32_runs_the_screen_then_its_confirmation_and_resumes
     assert ran == []  # everything saved: nothing runs twice
 
 
+def test_demo_seeds_runs_each_precision_on_each_seed_once_and_resumes(monkeypatch, tmp_path):
+    from benchmarks import demo_seeds
+
+    ran: list[dict] = []
+
+    def fake_row(module, args, timeout=None):
+        run = json.loads(args[args.index("--row") + 1])
+        ran.append(run)
+        return {**run, "prefix_accuracy": 0.78, "head_only_accuracy": 0.74, "demo_wall_s": 50.0, "wall_s": 55.0}
+
+    monkeypatch.setattr(demo_seeds, "RESULTS", tmp_path)
+    monkeypatch.setattr(demo_seeds, "run_row", fake_row)
+    demo_seeds.main([])
+    assert ran == [{"precision": p, "seed": s} for p in ("bf16", "float32") for s in (42, 1, 2)]
+    saved = json.loads((tmp_path / "demo_seeds.json").read_text())["runs"]
+    saved.pop()  # as if the last run had been cut short
+    (tmp_path / "demo_seeds.json").write_text(json.dumps({"runs": saved}))
+    ran.clear()
+    demo_seeds.main([])
+    assert ran == [{"precision": "float32", "seed": 2}]  # only the missing run
+
+
+def test_the_demo_seeds_section_gives_each_precisions_mean_spread_and_bars():
+    from benchmarks.report import _demo_seeds
+
+    def run(precision: str, seed: int, accuracy: float, head: float) -> dict:
+        return {"precision": precision, "seed": seed, "prefix_accuracy": accuracy, "head_only_accuracy": head,
+                "demo_wall_s": 60.0}  # fmt: skip
+
+    runs = [run("bf16", 42, 0.79, 0.74), run("bf16", 1, 0.77, 0.72), run("bf16", 2, 0.75, 0.73),
+            run("float32", 42, 0.785, 0.74)]  # fmt: skip
+    text = _demo_seeds({"runs": runs})
+    assert "| bf16 autocast (`make demo` on a CPU with native bf16) | 0.7900 (0.7400) | 0.7700 (0.7200) |" in text
+    assert "| 0.7700 | 4.0 | +5.0, +5.0, +2.0 | 60 |" in text
+    assert "- bf16: the demo's seed gives 0.7900, the 3 seeds 0.7700 on average; 1 of 3 reach 0.78." in text
+    assert "at least +2.0 points on every seed (3 or more on every seed: **not met**)" in text
+    assert "float32 (a CPU without)" not in text  # two of its seeds are missing: no row yet
+    assert _demo_seeds({"runs": runs[3:]}) == "Not every seed has run yet."
+
+
 def test_the_mlp_becomes_the_small_data_default_only_if_it_leads_on_every_draw_by_the_rule_on_average():
     from benchmarks.report import _small_choice
 
