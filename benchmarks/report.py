@@ -789,6 +789,8 @@ def _demo_variant(v: dict) -> str:
         changed.append(f"init from the text “{v['text']}”")
     if v["head_init"] != "random":
         changed.append(f"head init {v['head_init']}")
+    if v.get("dropout") is not None:
+        changed.append(f"dropout {v['dropout']:g} while training")
     return ", ".join(changed) or "**the demo's settings**"
 
 
@@ -821,7 +823,9 @@ def _demo_float32(rows: list[dict]) -> str:
         "only the learning rate changed (the demo's work exactly; a gate amended after the screen, when identical "
         "work had varied by 9% in wall time). A second round, after the first found nothing, ran two more variants "
         "on all three seeds under the same rule; one with more work is in time if its mean wall is within "
-        f"{TIME_BOUND:g} x the median of the demo's.",
+        f"{TIME_BOUND:g} x the median of the demo's. A third round, after the test split had shown the demo's "
+        "expected accuracy near 0.77 (\"The demo over seeds\"), ran one more the same way: no dropout while "
+        "training, on the idea that 376 steps underfit.",
         "",
         markdown_table(["variant (seed 42)", "steps", "validation accuracy", "lead (points)", "wall (s)",
                         "x the demo's wall", "in time"], table),  # fmt: skip

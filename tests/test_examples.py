@@ -82,20 +82,32 @@ def test_demo_runs_end_to_end_on_a_small_sample_and_repeats_its_figures(tmp_path
     assert serialization.read_config(tmp_path / "demo")["task"] == "classification"
 
 
-def test_demo_precision_can_be_forced_either_way_and_a_wrong_one_is_refused(tmp_path, capsys):
-    """`precision` gives a float32 machine's figures on a bf16 one (and back): the path auto did not take runs."""
+def test_demo_precision_can_be_forced_either_way_and_a_wrong_one_is_refused(tmp_path, capsys, monkeypatch):
+    """`precision` gives a float32 machine's figures on a bf16 one (and back): the path auto did not take runs.
+    The other variants' knobs run too; `dropout` reaches every dropout module before training starts."""
     import torch
 
+    import prefixtune.train
     from prefixtune.cli.demo import _fast_bf16, run_demo
     from prefixtune.errors import PrefixTuneError
 
+    seen: list[float] = []
+    real_train = prefixtune.train.train
+
+    def train(model, *args, **kwargs):
+        seen.extend(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(prefixtune.train, "train", train)
     other = "float32" if _fast_bf16() else "bf16"
     threads = torch.get_num_threads()
     try:
         result = run_demo(output_dir=str(tmp_path / "demo"), train_samples=32, test_samples=32, threads=1,
-                          epochs=1, precision=other, text="Is this review positive?", head_init="probe")  # fmt: skip
+                          epochs=1, precision=other, text="Is this review positive?", head_init="probe",
+                          dropout=0.0)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+    assert len(seen) > 6 and set(seen) == {0.0}  # MiniLM's 0.1 everywhere, the attention's and the head's too
     assert result["bf16"] is (other == "bf16")
     assert f"bf16 autocast: {'on' if other == 'bf16' else 'off'}" in capsys.readouterr().out
     assert result["steps"] == 1 and 0.0 < result["prefix_accuracy"] <= 1.0

@@ -240,6 +240,7 @@ def _float32_row(variant: dict, accuracy: float, wall: float = 90.0, seed: int =
 def test_the_float32_screen_confirms_the_two_best_in_time_and_replaces_the_settings_only_by_the_rule():
     from benchmarks.demo_settings import (
         FLOAT32_ROUND2,
+        FLOAT32_ROUND3,
         FLOAT32_SCREEN,
         float32_confirm,
         float32_verdict,
@@ -293,6 +294,12 @@ def test_the_float32_screen_confirms_the_two_best_in_time_and_replaces_the_setti
     text = _demo_settings({"variants": confirmed((0.001, 0.001)) + second})
     assert "head init probe" in text and "init from the text" in text
     assert "init from the text" not in text.split("| variant |")[0]  # the screen table holds the screen only
+    # The third round joins the same way, once complete: no dropout, leading by a point on every seed.
+    third = [_float32_row(FLOAT32_ROUND3[0], 0.81 + s / 1000, 85.0, seed=s) for s in (42, 1, 2)]
+    assert len(float32_verdict(confirmed((0.001, 0.001)) + third[:2])["candidates"]) == 2  # incomplete: not yet
+    verdict = float32_verdict(confirmed((0.001, 0.001)) + third)
+    assert verdict["winner"]["settings"]["dropout"] == 0.0 and verdict["candidates"][-1]["in_time"]
+    assert "dropout 0 while training" in _demo_settings({"variants": confirmed((0.001, 0.001)) + third})
 
 
 def _small_run(init: str, seed: int, test: float, head: float, top_layers: int = 0, draw: int = 0,
@@ -452,14 +459,16 @@ def test_demo_settings_float32_runs_the_screen_then_its_confirmation_and_resumes
     monkeypatch.setattr(demo_settings, "run_row", fake_row)
     demo_settings.main(["--float32"])
     screen = [demo_settings.settings(v) for v in demo_settings.FLOAT32_SCREEN]
-    assert ran[: len(screen)] == screen and len(ran) == len(screen) + 6 + 6  # then 3 settings x 2 more seeds
-    confirm, second = ran[len(screen) : len(screen) + 6], ran[len(screen) + 6 :]
+    assert ran[: len(screen)] == screen and len(ran) == len(screen) + 6 + 6 + 3  # then 3 settings x 2 more seeds
+    confirm, second = ran[len(screen) : len(screen) + 6], ran[len(screen) + 6 : len(screen) + 12]
     assert {v["learning_rate"] for v in confirm} == {0.05, 0.08}
     seeds = demo_settings.CONFIRM_SEEDS
     assert {v["seed"] for v in confirm} == set(seeds)
     # the second round: each of its variants on all three seeds
     round2 = demo_settings.FLOAT32_ROUND2
     assert second == [demo_settings.settings({**v, "seed": s}) for v in round2 for s in (42, *seeds)]
+    third = demo_settings.FLOAT32_ROUND3  # and the third's
+    assert ran[len(screen) + 12 :] == [demo_settings.settings({**v, "seed": s}) for v in third for s in (42, *seeds)]
     assert "float32 verdict: keep" in capsys.readouterr().out  # lr 0.08 leads by 0.3 points: within noise, and
     # the second round's variants keep the demo's learning rate, so they score as it does
     ran.clear()

@@ -33,9 +33,9 @@ from prefixtune.errors import PrefixTuneError
 # settings"). A variant replaces these only if it leads on validation by more than a standard error and its
 # work fits 3 minutes on 2 cores without native bf16, where these took 172-181 s in float32. None does, with
 # bf16 (those that fit are within 1 point; more snippets would take half as long again) or in float32 (8
-# variants of about the same work screened, then the two best, a task-text init and a probed head on 3
-# seeds: none led on every seed or by 0.64 points, a 3-run mean's standard error; these settings span 2.3
-# points across seeds).
+# variants of about the same work screened, then the two best, a task-text init, a probed head and no
+# dropout on 3 seeds: none led on every seed or by 0.64 points, a 3-run mean's standard error; these settings
+# span 2.3 points across seeds).
 TRAIN_SNIPPETS = 3000
 EPOCHS = 4
 LEARNING_RATE = 5e-2
@@ -129,11 +129,13 @@ def run_demo(
     batch_size: int = BATCH_SIZE,
     text: str | None = None,
     head_init: str = "random",
+    dropout: float | None = None,
 ) -> dict[str, Any]:
     """Train, compare, save, reload, classify; print everything and return the numbers.
 
     `text` starts the prefix from the model's keys/values on that text instead of sampled vocabulary, and
-    `head_init="probe"` trains the head alone first (see `TrainConfig.head_init`): variants the demo's
+    `head_init="probe"` trains the head alone first (see `TrainConfig.head_init`), and `dropout` replaces the
+    frozen model's own dropout while the prefix trains (the head-only baseline keeps it): variants the demo's
     settings were checked against."""
     from prefixtune import baselines, tasks
     from prefixtune.core import layer_cache
@@ -171,6 +173,10 @@ def run_demo(
             f"+ the classifier head, {len(train_rows)} snippets x {epochs} epochs; layers 1-{top[0]} run once per "
             f"snippet ({cache.nbytes / 2**20:.0f} MiB cached)"
         )
+        if dropout is not None:  # read at each forward, so the attention's dropout follows too
+            for module in prefix_model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = dropout
         # Fixed work (epochs, batch, length); the time limit is only a guard.
         config = TrainConfig(output_dir=output_dir, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                              warmup_ratio=0.06, bf16=bf16, group_by_length=True, seed=seed, max_length=64,
