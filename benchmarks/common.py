@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,20 @@ def run_row(module: str, args: list[str], timeout: float = 3600) -> dict[str, An
         tail = "\n".join(proc.stderr.splitlines()[-15:])
         raise RuntimeError(f"{module} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
     return {**json.loads(lines[-1]), "wall_s": wall}
+
+
+def run_missing(path: Path, results: dict, key: str, module: str, runs: list[dict], describe: Callable[[dict], str],
+                full: Callable[[dict], dict] = dict, args: list[str] | None = None) -> None:  # fmt: skip
+    """Run each of `runs` that `results[key]` lacks (`module --row RUN`, one process each) and save `results` to
+    `path` after each: a long benchmark resumes where it stopped. A saved row counts as RUN when it holds all of
+    `full(RUN)`, the run's settings with its defaults filled in; `describe` gives the line printed for a new row."""
+    done = results.setdefault(key, [])
+    for run in runs:
+        if any(full(run).items() <= row.items() for row in done):
+            continue
+        done.append(run_row(module, ["--row", json.dumps(run), *(args or [])]))
+        print(f"  {run}: {describe(done[-1])}", flush=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def pick_on_validation(module: str, grid: list[list[str]], key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -19,7 +19,7 @@ import json
 import statistics
 import tempfile
 
-from benchmarks.common import RESULTS, emit, run_row
+from benchmarks.common import RESULTS, emit, run_missing
 from benchmarks.demo_settings import all_seeds
 
 PRECISIONS = ("bf16", "float32")
@@ -37,7 +37,7 @@ def score(run: dict, quick: bool = False) -> dict:
     from prefixtune.cli.demo import run_demo
 
     with tempfile.TemporaryDirectory() as out:
-        result = run_demo(output_dir=out, threads=2, **run, **(QUICK if quick else {}))
+        result = run_demo(output_dir=out, **run, **(QUICK if quick else {}))
     keep = ("prefix_accuracy", "prefix_macro_f1", "head_only_accuracy", "head_only_macro_f1", "steps", "bf16")
     return {**run, **{k: result[k] for k in keep}, "demo_wall_s": result["wall_seconds"]}
 
@@ -65,14 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         return emit(score(json.loads(a.row), quick=a.quick))
     path = RESULTS / ("demo_seeds-quick.json" if a.quick else "demo_seeds.json")
     results = json.loads(path.read_text()) if path.exists() else {}
-    done = results.setdefault("runs", [])
-    for run in planned()[:1] if a.quick else planned():
-        if any(run.items() <= r.items() for r in done):  # resumable: each run is saved as it ends
-            continue
-        done.append(run_row("benchmarks.demo_seeds", ["--row", json.dumps(run), *(["--quick"] if a.quick else [])]))
-        print(f"  {run}: test {done[-1]['prefix_accuracy']:.4f}, head only {done[-1]['head_only_accuracy']:.4f}",
-              flush=True)  # fmt: skip
-        path.write_text(json.dumps(results, indent=2) + "\n")
+    run_missing(path, results, "runs", "benchmarks.demo_seeds", planned()[:1] if a.quick else planned(),
+                describe=lambda row: f"test {row['prefix_accuracy']:.4f}, head only {row['head_only_accuracy']:.4f}",
+                args=["--quick"] if a.quick else [])  # fmt: skip
 
 
 if __name__ == "__main__":

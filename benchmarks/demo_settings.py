@@ -28,7 +28,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import RESULTS, emit, run_row
+from benchmarks.common import RESULTS, emit, run_missing
 
 # Overrides of the demo's own settings (see `settings`); {} is the demo as it is.
 VARIANTS = [
@@ -171,14 +171,12 @@ def float32_verdict(rows: list[dict]) -> dict | None:
 
 
 def _run_all(path: Path, results: dict, variants: list[dict]) -> None:
-    """Score each variant not yet in `results`, saving after each: a long run resumes where it stopped."""
-    done = results.setdefault("variants", [])  # resumable: a variant already scored is kept
-    for variant in variants:
-        if find(done, variant) is not None:
-            continue
-        done.append(run_row("benchmarks.demo_settings", ["--row", json.dumps(variant)]))
-        print(f"  {variant}: validation {done[-1]['validation_accuracy']:.4f} ({done[-1]['wall_s']:.0f} s)", flush=True)
-        path.write_text(json.dumps(results, indent=2))
+    """Score each variant not yet in `results`, saving after each (`run_missing`)."""
+
+    def describe(row: dict) -> str:
+        return f"validation {row['validation_accuracy']:.4f} ({row['wall_s']:.0f} s)"
+
+    run_missing(path, results, "variants", "benchmarks.demo_settings", variants, describe, full=settings)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -789,7 +789,7 @@ def _demo_variant(v: dict) -> str:
         changed.append(f"init from the text “{v['text']}”")
     if v["head_init"] != "random":
         changed.append(f"head init {v['head_init']}")
-    if v.get("dropout") is not None:
+    if v["dropout"] is not None:
         changed.append(f"dropout {v['dropout']:g} while training")
     return ", ".join(changed) or "**the demo's settings**"
 

@@ -424,7 +424,7 @@ def test_the_p50_gap_is_worked_out_from_the_runs_own_step_counts():
 
 
 def test_demo_settings_scores_each_variant_once_and_resumes(monkeypatch, tmp_path):
-    from benchmarks import demo_settings
+    from benchmarks import common, demo_settings
 
     first = demo_settings.settings(demo_settings.VARIANTS[0])
     (tmp_path / "demo_settings.json").write_text(json.dumps({"variants": [{**first, "validation_accuracy": 0.8}]}))
@@ -436,7 +436,7 @@ def test_demo_settings_scores_each_variant_once_and_resumes(monkeypatch, tmp_pat
         return {**demo_settings.settings(variant), "validation_accuracy": 0.7, "wall_s": 1.0}
 
     monkeypatch.setattr(demo_settings, "PATH", tmp_path / "demo_settings.json")
-    monkeypatch.setattr(demo_settings, "run_row", fake_row)
+    monkeypatch.setattr(common, "run_row", fake_row)
     demo_settings.main([])
     assert ran == demo_settings.VARIANTS[1:]  # the scored variant is not run again
     saved = json.loads((tmp_path / "demo_settings.json").read_text())["variants"]
@@ -444,7 +444,7 @@ def test_demo_settings_scores_each_variant_once_and_resumes(monkeypatch, tmp_pat
 
 
 def test_demo_settings_float32_runs_the_screen_then_its_confirmation_and_resumes(monkeypatch, tmp_path, capsys):
-    from benchmarks import demo_settings
+    from benchmarks import common, demo_settings
 
     ran: list[dict] = []
 
@@ -456,7 +456,7 @@ def test_demo_settings_float32_runs_the_screen_then_its_confirmation_and_resumes
                 "steps": 376, "demo_wall_s": 90.0, "wall_s": 95.0}  # fmt: skip
 
     monkeypatch.setattr(demo_settings, "PATH", tmp_path / "demo_settings.json")
-    monkeypatch.setattr(demo_settings, "run_row", fake_row)
+    monkeypatch.setattr(common, "run_row", fake_row)
     demo_settings.main(["--float32"])
     screen = [demo_settings.settings(v) for v in demo_settings.FLOAT32_SCREEN]
     assert ran[: len(screen)] == screen and len(ran) == len(screen) + 6 + 6 + 3  # then 3 settings x 2 more seeds
@@ -477,7 +477,7 @@ def test_demo_settings_float32_runs_the_screen_then_its_confirmation_and_resumes
 
 
 def test_demo_seeds_runs_each_precision_on_each_seed_once_and_resumes(monkeypatch, tmp_path):
-    from benchmarks import demo_seeds
+    from benchmarks import common, demo_seeds
 
     ran: list[dict] = []
 
@@ -487,7 +487,7 @@ def test_demo_seeds_runs_each_precision_on_each_seed_once_and_resumes(monkeypatc
         return {**run, "prefix_accuracy": 0.78, "head_only_accuracy": 0.74, "demo_wall_s": 50.0, "wall_s": 55.0}
 
     monkeypatch.setattr(demo_seeds, "RESULTS", tmp_path)
-    monkeypatch.setattr(demo_seeds, "run_row", fake_row)
+    monkeypatch.setattr(common, "run_row", fake_row)
     demo_seeds.main([])
     assert ran == [{"precision": p, "seed": s} for p in ("bf16", "float32") for s in (42, 1, 2)]
     saved = json.loads((tmp_path / "demo_seeds.json").read_text())["runs"]
