@@ -25,7 +25,7 @@ def _image(name: str, suffix: str) -> str:
 
 
 VALIDATION_ROWS = 1280  # the bundled Rotten Tomatoes validation split, which the demo's settings are checked on
-SMALL_LEAD = 3.0  # points over the head-only baseline that count as a clear win on the small set
+CLEAR_LEAD = 3.0  # points over the head-only baseline that count as a clear win: the demo's bar, and the small set's
 PLAIN = "prefix, plain defaults"
 DIRECT = "prefix, `--reparam none`"  # the small set's plain defaults train through the MLP; this is without
 
@@ -651,7 +651,7 @@ def _small(runs: list[dict]) -> str:
     """The small set, one run per draw, seed and variant: the prefix's lead over the head-only baseline.
 
     On 800 rows the lead moves by a point or two with the seed, and by more with which rows were drawn, so
-    the verdict weighs each draw alike (its seeds averaged first): a clear win leads by SMALL_LEAD points
+    the verdict weighs each draw alike (its seeds averaged first): a clear win leads by CLEAR_LEAD points
     on average over the draws, and in no run falls behind."""
     rows, summary = [], []
     for label in sorted(dict.fromkeys(map(_small_label, runs)), key=lambda label: label != PLAIN):  # plain first
@@ -665,7 +665,7 @@ def _small(runs: list[dict]) -> str:
                          run["baselines"]["head_only"], run["baselines"].get("tfidf", ""), f"{lead:+.1f}"])  # fmt: skip
         draw_means = {draw: statistics.mean(got) for draw, got in by_draw.items()}
         mean = statistics.mean(draw_means.values())
-        clear = mean >= SMALL_LEAD and min(leads) > 0
+        clear = mean >= CLEAR_LEAD and min(leads) > 0
         per_draw = ", ".join(f"draw {d} {m:+.1f} ({len(by_draw[d])} seed(s))" for d, m in draw_means.items())
         summary.append(
             f"{label}: {mean:+.1f} points on average over {len(draw_means)} draw(s) ({per_draw}), runs "
@@ -681,7 +681,7 @@ def _small(runs: list[dict]) -> str:
         f"a user happens to have moves the lead as much as the seed does. On fewer than "
         f"{SMALL_CLASSIFICATION_ROWS:,} rows a classifier's plain defaults train the prefix through the MLP; "
         "`--reparam none` trains it directly, as the defaults do on more. A clear win for the plain defaults: at "
-        f"least {SMALL_LEAD:g} points over the head-only baseline on average over the draws (the demo's bar), "
+        f"least {CLEAR_LEAD:g} points over the head-only baseline on average over the draws (the demo's bar), "
         "and ahead in every run. The prefix's lead: " + "; ".join(summary) + ".",
         "",
         markdown_table(["run", "draw", "seed", "validation accuracy", "test accuracy", "steps", "head only",
@@ -880,8 +880,8 @@ def _demo_seeds(r: dict) -> str:
         lines.append(
             f"- {s['precision']}: the demo's seed gives {s['runs'][0]['prefix_accuracy']:.4f}, the {len(s['runs'])} "
             f"seeds {s['mean']:.4f} on average; {reached} of {len(s['runs'])} reach {ACCURACY_BAR:g}. The lead over "
-            f"head only is at least {s['min_lead']:+.1f} points on every seed ({SMALL_LEAD:g} or more on every "
-            f"seed: {_mark(s['min_lead'] >= SMALL_LEAD)})."
+            f"head only is at least {s['min_lead']:+.1f} points on every seed ({CLEAR_LEAD:g} or more on every "
+            f"seed: {_mark(s['min_lead'] >= CLEAR_LEAD)})."
         )
     return "\n".join(lines)
 
